@@ -1,0 +1,1 @@
+"""fipo: fipo_env package."""

@@ -1,0 +1,1 @@
+"""fipo: server package."""

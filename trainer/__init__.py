@@ -1,0 +1,1 @@
+"""fipo: trainer package."""
