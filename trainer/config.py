@@ -231,9 +231,10 @@ class AlgorithmConfig:
     """Verifier reward: +1/-1 (DAPO/FIPO) or 1/0."""
     normalize_std: bool = True
     """Divide group advantages by the group std (False = Dr. GRPO)."""
-    tis_cap: float = 0.0
-    """Truncated importance-sampling cap against the engine's behaviour log-probs
-    (decoupled training); 0 switches the correction off."""
+    tis_cap: float = 2.0
+    """Truncated importance-sampling cap: token losses are weighted by
+    ``min(exp(old_logp - behaviour_logp), tis_cap)``, correcting for rollouts made by an
+    older policy (``max_staleness`` > 0) or an engine that differs numerically; 0 = off."""
 
     def __post_init__(self) -> None:
         s = self.SECTION

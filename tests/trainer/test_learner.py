@@ -1,0 +1,172 @@
+"""Learner updates: old log-probs, mini-batch steps, non-finite skips, exact resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from trainer.config import build_config  # noqa: E402
+from trainer.learner import Learner, build_loss_config, flatten_batch, partition  # noqa: E402
+from trainer.types import RolloutBatch, RolloutGroup  # noqa: E402
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _batch(seed: int, groups: int = 3, g: int = 4, version: int = 0) -> RolloutBatch:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(groups):
+        prompt = tuple(int(x) for x in rng.integers(1, VOCAB, size=rng.integers(3, 7)))
+        resps = tuple(
+            tuple(int(x) for x in rng.integers(1, VOCAB, size=rng.integers(1, 9))) for _ in range(g)
+        )
+        logps = tuple(tuple(float(v) for v in -rng.random(len(r)) * 3) for r in resps)
+        rewards = np.array([1.0, -1.0] * (g // 2))
+        out.append(
+            RolloutGroup(
+                prompt_ids=prompt,
+                response_ids=resps,
+                behaviour_logp=logps,
+                rewards=rewards,
+                correct=rewards > 0,
+                truncated=np.zeros(g, bool),
+                policy_version=version,
+            )
+        )
+    return RolloutBatch(
+        groups=tuple(out), num_generated_groups=groups, gen_seconds=0.0, gen_tokens=0
+    )
+
+
+def _advantages(batch: RolloutBatch) -> list[np.ndarray]:
+    from trainer.advantages import group_advantages
+
+    rewards = np.stack([g.rewards for g in batch.groups])
+    return list(group_advantages(rewards))
+
+
+def _learner(model_dir: Path, **optim) -> Learner:
+    values = {
+        "model": {
+            "path": str(model_dir),
+            "device": "cpu",
+            "autocast_dtype": "float32",
+            "micro_batch_tokens": 40,
+        },
+        "rollout": {"prompts_per_step": 3, "group_size": 4},
+        "optim": {"lr": 1e-2, "warmup_steps": 0, **optim},
+    }
+    cfg = build_config(values)
+    return Learner(cfg, model_dir, build_loss_config(cfg.algorithm), pad_id=0)
+
+
+def _weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+
+
+def test_partition_covers_every_row_once_and_respects_the_token_budget() -> None:
+    batch = _batch(0, groups=5)
+    seqs = flatten_batch(batch, _advantages(batch))
+    plan = partition(seqs, 3, 30, torch.Generator().manual_seed(0))
+    rows = [r for mini in plan for micro in mini for r in micro]
+    assert sorted(rows) == list(range(len(seqs)))
+    assert len(plan) == 3
+    for mini in plan:
+        for micro in mini:
+            longest = max(len(seqs.prompts[r]) + len(seqs.responses[r]) for r in micro)
+            assert len(micro) == 1 or longest * len(micro) <= 30
+
+
+def test_first_step_is_on_policy_and_later_steps_move_the_policy(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir, mini_batches=1)
+    before = _weights(learner)
+    batch = _batch(1)
+    metrics = learner.update(batch, _advantages(batch))
+    # One mini-batch: logp == old_logp bit for bit, so the ratio is exactly 1, F = 0.
+    assert metrics["loss/ratio_min"] == 1.0 and metrics["loss/ratio_max"] == 1.0
+    assert metrics["fipo/future_kl_abs_mean"] == 0.0
+    assert metrics["optim/skipped_nonfinite"] == 0.0
+    assert learner.version == 1 and learner.optimizer_steps == 1
+    after = _weights(learner)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    learner = _learner(tiny_model_dir, mini_batches=3)
+    metrics = learner.update(batch, _advantages(batch))
+    assert learner.optimizer_steps == 3
+    # Later mini-batches see a moved policy: Future-KL is non-zero.
+    assert metrics["loss/ratio_max"] > 1.0 or metrics["loss/ratio_min"] < 1.0
+    assert metrics["fipo/future_kl_abs_mean"] > 0.0
+
+
+def test_nonfinite_loss_skips_the_step_and_leaves_weights_alone(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir, mini_batches=2)
+    before = _weights(learner)
+    batch = _batch(2)
+    bad = [np.full(len(a), np.nan) for a in _advantages(batch)]
+    metrics = learner.update(batch, bad)
+    assert metrics["optim/skipped_nonfinite"] == 2.0
+    assert learner.optimizer_steps == 0
+    after = _weights(learner)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(s["exp_avg"].abs().sum() > 0 for s in learner.optimizer.state.values())
+
+
+def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    a = _learner(tiny_model_dir, mini_batches=2)
+    b1, b2 = _batch(3), _batch(4)
+    a.update(b1, _advantages(b1))
+    save_checkpoint(tmp_path, 1, a.state_dict(), {"note": "x"}, keep=2)
+
+    b = _learner(tiny_model_dir, mini_batches=2)
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 1 and state["extra"]["note"] == "x"
+    b.load_state_dict(state["learner"])
+    assert b.version == a.version and b.optimizer_steps == a.optimizer_steps
+    ma = a.update(b2, _advantages(b2))
+    mb = b.update(b2, _advantages(b2))
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ma["loss/policy"] == mb["loss/policy"]
+
+
+def test_checkpoints_are_pruned_and_latest_points_to_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"x": torch.tensor(step)}, {}, keep=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_000002", "step_000003"]
+    assert load_checkpoint(tmp_path)["learner"]["x"].item() == 3
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_hf_state_dict_unties_shared_tensors(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir)
+    sd = learner.hf_state_dict()
+    ptrs = [t.untyped_storage().data_ptr() for t in sd.values()]
+    assert len(ptrs) == len(set(ptrs))

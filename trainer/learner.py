@@ -1,0 +1,428 @@
+"""The learner: policy model, AdamW, and one update per rollout batch.
+
+One update (``Learner.update``):
+
+1. Flatten the batch's groups into sequences and split them into ``optim.mini_batches``
+   mini-batches (and each into micro-batches under ``model.micro_batch_tokens``).
+2. Recompute ``old_logp`` with the current weights, no grad, on exactly that partition,
+   so that on the first mini-batch ``logp == old_logp`` bit for bit (Future-KL = 0, the
+   step is DAPO's, as the spec says it must be).
+3. One optimiser step per mini-batch: ``trainer.fipo.policy_loss`` (token-mean), grad
+   clip, AdamW, warm-up schedule. Later mini-batches see a moved policy, which is where
+   Future-KL acts.
+
+A non-finite loss or gradient norm skips the optimiser step (gradients are zeroed and
+the skip is counted in the metrics); it is never applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import AlgorithmConfig, ConfigError, TrainConfig
+from trainer.logprobs import response_logprobs
+from trainer.types import RolloutBatch
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """A rollout batch flattened to one row per sample (lists: rows differ in length).
+
+    Attributes:
+        prompts: Prompt token ids per row.  # N x [P_i]
+        responses: Response token ids per row.  # N x [T_i]
+        behaviour_logp: Engine log-probs per row.  # N x [T_i]
+        advantages: Sequence advantage per row.  # [N]
+        versions: Policy version that generated each row.  # [N]
+    """
+
+    prompts: list[tuple[int, ...]]
+    responses: list[tuple[int, ...]]
+    behaviour_logp: list[tuple[float, ...]]
+    advantages: torch.Tensor
+    versions: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def flatten_batch(batch: RolloutBatch, advantages: Sequence[np.ndarray]) -> Sequences:
+    """Flatten ``batch`` with one advantage array per group into :class:`Sequences`."""
+    if len(advantages) != len(batch.groups):
+        raise ValueError(f"{len(advantages)} advantage arrays for {len(batch.groups)} groups")
+    prompts, responses, blogp, adv, versions = [], [], [], [], []
+    for group, group_adv in zip(batch.groups, advantages, strict=True):
+        if len(group_adv) != len(group.response_ids):
+            raise ValueError(
+                f"group has {len(group.response_ids)} responses but {len(group_adv)} advantages"
+            )
+        for resp, lp, a in zip(group.response_ids, group.behaviour_logp, group_adv, strict=True):
+            prompts.append(tuple(group.prompt_ids))
+            responses.append(tuple(resp))
+            blogp.append(tuple(lp))
+            adv.append(float(a))
+            versions.append(group.policy_version)
+    return Sequences(
+        prompts=prompts,
+        responses=responses,
+        behaviour_logp=blogp,
+        advantages=torch.tensor(adv, dtype=torch.float32),
+        versions=torch.tensor(versions, dtype=torch.long),
+    )
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Padded tensors for one learner forward.
+
+    Attributes:
+        rows: Indices of these rows in the :class:`Sequences`.  # [b]
+        input_ids: Prompt + response, right-padded.  # [b, L]
+        attention_mask: 1 on real tokens.  # [b, L]
+        prompt_lens: Prompt length per row.  # [b]
+        response_mask: 1 on real response tokens.  # [b, T]
+        behaviour_logp: Engine log-probs, 0 on padding.  # [b, T]
+    """
+
+    rows: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lens: torch.Tensor
+    response_mask: torch.Tensor
+    behaviour_logp: torch.Tensor
+
+
+def make_micro_batch(seqs: Sequences, rows: Sequence[int], pad_id: int) -> MicroBatch:
+    """Right-pad the rows ``rows`` of ``seqs`` into a :class:`MicroBatch`."""
+    lengths = [len(seqs.prompts[r]) + len(seqs.responses[r]) for r in rows]
+    T = max(1, max(len(seqs.responses[r]) for r in rows))
+    L = max(lengths)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), L), dtype=torch.long)
+    rmask = torch.zeros((len(rows), T), dtype=torch.float32)
+    blogp = torch.zeros((len(rows), T), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        p, resp = seqs.prompts[r], seqs.responses[r]
+        ids[i, : len(p) + len(resp)] = torch.tensor(p + resp, dtype=torch.long)
+        attn[i, : len(p) + len(resp)] = 1
+        rmask[i, : len(resp)] = 1.0
+        if resp:
+            blogp[i, : len(resp)] = torch.tensor(seqs.behaviour_logp[r], dtype=torch.float32)
+    return MicroBatch(
+        rows=torch.tensor(list(rows), dtype=torch.long),
+        input_ids=ids,
+        attention_mask=attn,
+        prompt_lens=torch.tensor([len(seqs.prompts[r]) for r in rows], dtype=torch.long),
+        response_mask=rmask,
+        behaviour_logp=blogp,
+    )
+
+
+def pack(seqs: Sequences, rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group ``rows`` (sorted by length, to keep padding low) into micro-batches of at
+    most ``max_tokens`` padded tokens each (at least one row per micro-batch)."""
+    ordered = sorted(rows, key=lambda r: len(seqs.prompts[r]) + len(seqs.responses[r]))
+    micros: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for r in ordered:
+        length = len(seqs.prompts[r]) + len(seqs.responses[r])
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            micros.append(current)
+            current, longest = [], 0
+        current.append(int(r))
+        longest = max(longest, length)
+    if current:
+        micros.append(current)
+    return micros
+
+
+def partition(
+    seqs: Sequences, mini_batches: int, max_tokens: int, generator: torch.Generator
+) -> list[list[list[int]]]:
+    """Shuffle rows into ``mini_batches`` mini-batches, each a list of micro-batches."""
+    order = torch.randperm(len(seqs), generator=generator).tolist()
+    minis = [chunk.tolist() for chunk in np.array_split(np.array(order), mini_batches)]
+    return [pack(seqs, mini, max_tokens) for mini in minis if mini]
+
+
+def build_loss_config(algorithm: AlgorithmConfig) -> Any:
+    """The ``trainer.fipo.LossConfig`` preset of ``algorithm.name`` with its overrides."""
+    from trainer.fipo import loss_config
+
+    overrides: dict[str, Any] = {
+        name: getattr(algorithm, name)
+        for name in (
+            "decay_rate",
+            "influence_clip",
+            "clip_high_only",
+            "safety_threshold",
+            "dual_clip",
+            "clip_low",
+            "clip_high",
+        )
+        if getattr(algorithm, name) is not None
+    }
+    overrides["tis_cap"] = algorithm.tis_cap or None
+    try:
+        return loss_config(algorithm.name, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"algorithm: {exc}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a clear error for missing CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_policy(model_dir: str | Path, device: torch.device, gradient_checkpointing: bool):
+    """Load a local HF causal LM in fp32 (master weights), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, local_files_only=True
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.to(device)
+    model.eval()  # no dropout in RL updates; train()/eval() only toggles dropout here
+    return model
+
+
+class Learner:
+    """Holds the policy and its optimiser; ``update`` trains on one rollout batch.
+
+    Args:
+        config: The trainer config (model, algorithm, optim sections are used).
+        model_dir: Local HF model directory.
+        loss_config: A ``trainer.fipo.LossConfig``.
+        pad_id: Token id used for padding (masked out everywhere).
+    """
+
+    def __init__(self, config: TrainConfig, model_dir: str | Path, loss_config: Any, pad_id: int):
+        self.config = config
+        self.loss_config = loss_config
+        self.pad_id = pad_id
+        self.device = resolve_device(config.model.device)
+        self.model = load_policy(model_dir, self.device, config.model.gradient_checkpointing)
+        opt = config.optim
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=opt.lr,
+            betas=(opt.beta1, opt.beta2),
+            weight_decay=opt.weight_decay,
+        )
+        warmup = opt.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
+        )
+        self.generator = torch.Generator().manual_seed(config.run.seed)
+        self.version = 0  # policy version = rollout batches trained on
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+
+    # --- forward passes -------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.model.autocast_dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        with self._autocast():
+            return response_logprobs(
+                self.model,
+                mb.input_ids.to(self.device),
+                mb.attention_mask.to(self.device),
+                mb.prompt_lens.to(self.device),
+                mb.response_mask.to(self.device),
+                chunk_tokens=self.config.model.logprob_chunk_tokens,
+                temperature=self.config.rollout.temperature,
+            )
+
+    @torch.no_grad()
+    def logprobs(self, seqs: Sequences) -> list[torch.Tensor]:
+        """Current-policy log-probs of each response (no grad), one tensor per row."""
+        out: dict[int, torch.Tensor] = {}
+        for rows in pack(seqs, range(len(seqs)), self.config.model.micro_batch_tokens):
+            lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id)).cpu()
+            for i, r in enumerate(rows):
+                out[r] = lp[i, : len(seqs.responses[r])]
+        return [out[r] for r in range(len(seqs))]
+
+    def _normaliser(self, seqs: Sequences, micros: list[list[int]]) -> float | None:
+        """Denominator making summed micro-batch losses equal the mini-batch's loss.
+
+        ``None`` (the loss's own count, exact) when the mini-batch is one micro-batch. With
+        several, the token-mean uses the mini-batch's response-token count before the
+        sequence-drop rule (a dropped response then lowers the loss scale slightly).
+        """
+        if len(micros) == 1:
+            return None
+        rows = [r for m in micros for r in m]
+        aggregation = self.loss_config.aggregation
+        if aggregation == "token_mean":
+            return float(max(1, sum(len(seqs.responses[r]) for r in rows)))
+        if aggregation == "seq_mean_token_mean":
+            return float(max(1, sum(1 for r in rows if seqs.responses[r])))
+        return float(len(rows) * max(1, max(len(seqs.responses[r]) for r in rows)))
+
+    # --- the update -----------------------------------------------------------------
+
+    def update(self, batch: RolloutBatch, advantages: Sequence[np.ndarray]) -> dict[str, float]:
+        """Train on one rollout batch: recompute old log-probs, one step per mini-batch.
+
+        Args:
+            batch: The rollout batch (already scored).
+            advantages: Per group, the advantage of each of its samples.  # groups x [G]
+
+        Returns:
+            Namespaced metrics (``loss/…``, ``fipo/…``, ``optim/…``, ``perf/…``).
+        """
+        from trainer.fipo import policy_loss
+
+        start = time.perf_counter()
+        seqs = flatten_batch(batch, advantages)
+        cfg = self.config
+        plan = [
+            (epoch, micros)
+            for epoch in range(cfg.optim.epochs)
+            for micros in partition(
+                seqs, cfg.optim.mini_batches, cfg.model.micro_batch_tokens, self.generator
+            )
+        ]
+        # old_logp on the first epoch's exact micro-batches (bitwise equal on step 1).
+        old_logp: dict[int, torch.Tensor] = {}  # row -> [T_i]
+        with torch.no_grad():
+            for _, micros in plan[: len(plan) // cfg.optim.epochs]:
+                for rows in micros:
+                    mb = make_micro_batch(seqs, rows, self.pad_id)
+                    lp = self._logprobs(mb).cpu()
+                    for i, r in enumerate(rows):
+                        old_logp[r] = lp[i]
+        old_seconds = time.perf_counter() - start
+
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        skipped = 0
+        for _, micros in plan:
+            normaliser = self._normaliser(seqs, micros)
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for rows in micros:
+                mb = make_micro_batch(seqs, rows, self.pad_id)
+                T = mb.response_mask.shape[1]
+                old = torch.stack([_pad(old_logp[r], T) for r in rows]).to(self.device)
+                mask = mb.response_mask.to(self.device)
+                behaviour = mb.behaviour_logp.to(self.device)
+                # An engine that gave no usable log-probs gets no IS correction (metrics only).
+                if not bool(torch.isfinite(torch.where(mask > 0, behaviour, 0.0)).all()):
+                    behaviour = None
+                logp = self._logprobs(mb)
+                adv = seqs.advantages[mb.rows].to(self.device)
+                loss, metrics = policy_loss(
+                    logp,
+                    old,
+                    adv,
+                    mask,
+                    self.loss_config,
+                    behaviour_logp=behaviour,
+                    normaliser=normaliser,
+                )
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                for key, value in metrics.items():
+                    v = float(value)
+                    if math.isfinite(v):
+                        sums[key] = sums.get(key, 0.0) + v
+                        counts[key] = counts.get(key, 0) + 1
+            grad_norm = float("nan")
+            if finite:
+                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                finite = math.isfinite(grad_norm)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                self.skipped_steps += 1
+                continue
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer_steps += 1
+            sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + grad_norm
+            counts["optim/grad_norm"] = counts.get("optim/grad_norm", 0) + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        out = {k: sums[k] / counts[k] for k in sums if counts[k]}
+        total_tokens = sum(len(r) for r in seqs.responses)
+        elapsed = time.perf_counter() - start
+        out.update(
+            {
+                "optim/lr": self.scheduler.get_last_lr()[0],
+                "optim/steps": float(self.optimizer_steps),
+                "optim/skipped_nonfinite": float(skipped),
+                "perf/learner_s": elapsed,
+                "perf/old_logp_s": old_seconds,
+                "perf/learner_tokens_per_s": total_tokens / max(elapsed, 1e-9),
+                "learner/sequences": float(len(seqs)),
+                "learner/response_tokens": float(total_tokens),
+            }
+        )
+        return out
+
+    # --- weights and state ----------------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under HF parameter names, detached, on CPU; tied tensors cloned."""
+        seen: dict[int, str] = {}
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.model.state_dict().items():
+            t = tensor.detach().cpu()
+            ptr = t.untyped_storage().data_ptr()
+            out[name] = t.clone() if ptr in seen else t
+            seen.setdefault(ptr, name)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimiser, schedule, RNG."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "version": self.version,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.version = int(state["version"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[0]))
