@@ -1,0 +1,154 @@
+"""Outcome-reward shaping shared by GRPO, DAPO and FIPO: advantages, filters, penalties.
+
+All functions are pure and take numpy arrays, torch tensors or nested lists; they return
+the same kind they got (lists come back as numpy), as float arrays (torch keeps a float
+input's dtype and device; integer inputs become float32 tensors / float64 arrays). Rewards
+of a rollout batch are laid out as ``[num_groups, G]``: one row per prompt, G samples each.
+
+- ``group_advantages``: ``A_i = (R_i - mean(R)) / (std(R) + eps)`` per group (GRPO); with
+  ``scale_by_std=False`` only the mean is removed (Dr. GRPO).
+- ``dynamic_sampling_mask``: DAPO's dynamic sampling: a group whose rewards are all equal
+  has zero advantage everywhere and only dilutes the batch, so it is dropped.
+- ``soft_overlong_penalty``: DAPO's length penalty, 0 up to ``max_length - buffer_length``
+  tokens, then falling linearly to -1 at ``max_length`` (and -1 beyond).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = ["dynamic_sampling_mask", "group_advantages", "soft_overlong_penalty"]
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    """Float64 numpy copy of ``value`` and a function that turns a result back."""
+    if isinstance(value, torch.Tensor):
+        out_dtype = value.dtype if value.is_floating_point() else torch.float32
+        device = value.device
+
+        def back(a: np.ndarray) -> Any:
+            if a.dtype == np.bool_:
+                return torch.from_numpy(a).to(device)
+            return torch.from_numpy(a).to(device=device, dtype=out_dtype)
+
+        array = value.detach().to("cpu", torch.float64).numpy()
+        return array, back
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{name} must be a numeric array (equal-length rows), got: {exc}"
+        ) from None
+    return array, lambda a: a
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} must be finite; {name}[{first}] = {array[first]}")
+
+
+def _grouped(name: str, value: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    array, back = _to_numpy(name, value)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [num_groups, G], got shape {list(array.shape)}")
+    _check_finite(name, array)
+    return array, back
+
+
+def group_advantages(
+    rewards: ArrayT,
+    *,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    unbiased_std: bool = True,
+) -> ArrayT:
+    """Group-normalised advantages, one per sample.
+
+    Args:
+        rewards: Final reward of each sample.  # [num_groups, G]
+        scale_by_std: Divide by the group's std (GRPO). False keeps only the mean removal,
+            as Dr. GRPO recommends (no bias towards easy or hard prompts).
+        eps: Added to the std so a zero-variance group gets advantage 0, not NaN.
+        unbiased_std: Use the sample std (ddof = 1, as TRL and verl do) rather than the
+            population std. A group of one sample has std 0 either way.
+
+    Returns:
+        Advantages with the shape of ``rewards``; each row sums to ~0.  # [num_groups, G]
+
+    Raises:
+        ValueError: If rewards is not 2-D, holds a non-finite value, or eps < 0.
+    """
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    array, back = _grouped("rewards", rewards)
+    centred = array - array.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        g = array.shape[1]
+        ddof = 1 if unbiased_std and g > 1 else 0
+        std = array.std(axis=1, ddof=ddof, keepdims=True) if g > 0 else np.zeros_like(array)
+        # With eps = 0 an all-equal group still has centred = 0: divide by 1 there.
+        denom = std + eps
+        centred = np.divide(centred, denom, out=np.zeros_like(centred), where=denom > 0)
+    return back(centred)
+
+
+def dynamic_sampling_mask(rewards: ArrayT, *, atol: float = 0.0) -> ArrayT:
+    """Which groups to keep under DAPO's dynamic sampling.
+
+    Args:
+        rewards: Final reward of each sample.  # [num_groups, G]
+        atol: Rewards within ``atol`` of each other count as equal (for float noise).
+
+    Returns:
+        Boolean keep-mask, True where the group's rewards are not all equal.  # [num_groups]
+
+    Raises:
+        ValueError: If rewards is not 2-D, holds a non-finite value, or atol < 0.
+    """
+    if not atol >= 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    array, back = _grouped("rewards", rewards)
+    if array.shape[1] == 0:
+        return back(np.zeros(array.shape[0], dtype=bool))
+    spread = array.max(axis=1) - array.min(axis=1)
+    return back(spread > atol)
+
+
+def soft_overlong_penalty(lengths: ArrayT, *, max_length: int, buffer_length: int) -> ArrayT:
+    """DAPO's soft overlong penalty ``min(0, -(len - (L_max - L_buf)) / L_buf)``, floored at -1.
+
+    Args:
+        lengths: Response lengths in tokens, any shape, >= 0.
+        max_length: ``L_max``, the response-length limit (> 0).
+        buffer_length: ``L_buf``, the length of the linear ramp, in (0, max_length].
+
+    Returns:
+        Penalties in [-1, 0] with the shape of ``lengths``, to add to the reward.
+
+    Raises:
+        ValueError: On negative or non-finite lengths or a bad limit.
+    """
+    for field, value in (("max_length", max_length), ("buffer_length", buffer_length)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{field} must be an int, got {value!r}")
+    if max_length <= 0:
+        raise ValueError(f"max_length must be > 0, got {max_length}")
+    if not 0 < buffer_length <= max_length:
+        raise ValueError(
+            f"buffer_length must be in (0, max_length={max_length}], got {buffer_length}"
+        )
+    array, back = _to_numpy("lengths", lengths)
+    _check_finite("lengths", array)
+    if (array < 0).any():
+        raise ValueError(f"lengths must be >= 0, got min {array.min()}")
+    start = max_length - buffer_length
+    penalty = np.clip(-(array - start) / buffer_length, -1.0, 0.0)
+    return back(penalty + 0.0)  # + 0.0 turns -0.0 into 0.0
