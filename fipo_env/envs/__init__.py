@@ -1,0 +1,1 @@
+"""The token-level environments (single and native vector)."""

@@ -1,0 +1,208 @@
+"""Pieces shared by the single and the vector math environment.
+
+Tokenizer resolution, prompt rendering, the observation space, the stop-token scan and
+the conversion of verifier results into rewards and ``info`` entries. Both environments
+call these same functions, which is what keeps their episodes identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from fipo_env.config import EnvConfig
+from fipo_env.tasks.types import Problem
+from server.types import ScoreItem, ScoreResult
+
+TOKEN_DTYPE = np.int32  # every vocabulary in use (<= 256k) fits; halves copies vs int64
+
+
+def resolve_tokenizer(tokenizer: Any) -> Any:
+    """Return a Hugging Face tokenizer for ``tokenizer``.
+
+    Args:
+        tokenizer: A tokenizer object (anything with ``encode``/``decode``), a local model
+            or tokenizer directory, or ``None`` / ``"default"`` for the embedded
+            SmolLM2-135M-Instruct (converted once into the cache, never downloaded).
+    """
+    if tokenizer is None or (isinstance(tokenizer, str) and tokenizer == "default"):
+        from fipo_env.models import load_tokenizer
+
+        return load_tokenizer()
+    if isinstance(tokenizer, str | Path):
+        path = Path(tokenizer).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"tokenizer directory {str(tokenizer)!r} does not exist; pass a local model "
+                "directory, a tokenizer object, or None for the embedded default"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    for attr in ("encode", "decode"):
+        if not callable(getattr(tokenizer, attr, None)):
+            raise TypeError(f"tokenizer {tokenizer!r} has no {attr}() method")
+    return tokenizer
+
+
+def stop_ids_for(tokenizer: Any, config: EnvConfig) -> tuple[int, ...]:
+    """Stop tokens: the configured ones, else the tokenizer's EOS token."""
+    if config.stop_token_ids is not None:
+        return tuple(config.stop_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; set EnvConfig.stop_token_ids explicitly"
+        )
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def vocab_size_of(tokenizer: Any, override: int | None) -> int:
+    """Action-space size: ``override`` or ``len(tokenizer)`` (added tokens included)."""
+    size = int(override) if override is not None else len(tokenizer)
+    if size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {size}")
+    return size
+
+
+def pad_id_of(tokenizer: Any, vocab_size: int) -> int:
+    """Padding value for the observation buffers (positions past the lengths)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(pad, list | tuple):
+        pad = pad[0] if pad else None
+    return int(pad) if pad is not None and 0 <= int(pad) < vocab_size else 0
+
+
+def render_prompt(tokenizer: Any, config: EnvConfig, question: str) -> list[int]:
+    """Token ids of the prompt for ``question`` (chat template + generation prompt).
+
+    The template is rendered to text and then encoded without extra special tokens, which
+    is what ``apply_chat_template(tokenize=True)`` does, but independent of its return type
+    (a list in transformers 4, a ``BatchEncoding`` in 5).
+    """
+    tpl = config.prompt
+    user = tpl.user.replace("{question}", question)
+    if tpl.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user}]
+        if tpl.system is not None:
+            messages.insert(0, {"role": "system", "content": tpl.system})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif tpl.use_chat_template:
+        raise ValueError(
+            "the tokenizer has no chat template; set PromptTemplate(use_chat_template=False)"
+        )
+    else:
+        text = (tpl.system + "\n\n" if tpl.system else "") + user + "\n"
+    text += tpl.assistant_prefix
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def observation_space(vocab_size: int, config: EnvConfig) -> spaces.Dict:
+    """The single-episode observation space (see the env docstring for the why)."""
+    hi = vocab_size - 1
+    return spaces.Dict(
+        {
+            "prompt_ids": spaces.Box(0, hi, (config.max_prompt_tokens,), TOKEN_DTYPE),
+            "prompt_len": spaces.Box(0, config.max_prompt_tokens, (), TOKEN_DTYPE),
+            "response_ids": spaces.Box(0, hi, (config.max_response_tokens,), TOKEN_DTYPE),
+            "response_len": spaces.Box(0, config.max_response_tokens, (), TOKEN_DTYPE),
+        }
+    )
+
+
+def first_stop(tokens: np.ndarray, stop_ids: np.ndarray) -> int:
+    """Index of the first stop token in ``tokens``, or -1."""
+    if stop_ids.size == 1:
+        hits = np.flatnonzero(tokens == stop_ids[0])
+    else:
+        hits = np.flatnonzero(np.isin(tokens, stop_ids))
+    return int(hits[0]) if hits.size else -1
+
+
+def as_token_array(token_ids: Any, vocab_size: int, what: str = "token_ids") -> np.ndarray:
+    """Validate ``token_ids`` (a 1-D sequence of ints in ``[0, vocab_size)``) as an array."""
+    arr = np.asarray(token_ids)
+    if arr.size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"{what} must be a 1-D sequence of ints, got shape {arr.shape} {arr.dtype}"
+        )
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return arr
+
+
+def score_item(
+    key: str, problem: Problem, response: str, n_tokens: int, config: EnvConfig
+) -> ScoreItem:
+    """The verifier request for one finished episode."""
+    penalty = config.overlong_buffer is not None
+    return ScoreItem(
+        id=key,
+        response=response,
+        golds=problem.golds,
+        answer_format=config.answer_format or problem.answer_format,
+        reward_scheme=config.reward_scheme,
+        response_tokens=n_tokens if penalty else None,
+        max_response_tokens=config.max_response_tokens if penalty else None,
+        overlong_buffer=config.overlong_buffer,
+        deadline_s=config.verify_deadline_s,
+    )
+
+
+def reset_info(problem: Problem, n_prompt: int) -> dict[str, Any]:
+    """``info`` returned by ``reset``: the problem and its gold."""
+    return {
+        "problem": problem.question,
+        "gold": problem.gold,
+        "source": problem.source,
+        "canonical": problem.canonical,
+        "prompt_tokens": n_prompt,
+    }
+
+
+def final_info(
+    problem: Problem,
+    response: str,
+    n_tokens: int,
+    stopped: bool,
+    result: ScoreResult,
+) -> dict[str, Any]:
+    """``info`` at the end of an episode: problem, gold, response, verdict, reward parts."""
+    return {
+        "problem": problem.question,
+        "gold": problem.gold,
+        "response": response,
+        "response_tokens": n_tokens,
+        "stop_reason": "stop_token" if stopped else "length",
+        "status": result.status.value,
+        "correct": bool(result.correct),
+        "extracted_prediction": result.extracted_prediction,
+        "extracted_gold": result.extracted_gold,
+        "verifier_message": result.message,
+        "reward_components": {
+            "verifier": float(result.reward - result.overlong_penalty),
+            "overlong": float(result.overlong_penalty),
+        },
+    }
+
+
+def check_results(results: Sequence[ScoreResult], keys: Sequence[str]) -> None:
+    """A verifier must answer every item, in order; anything else is a bug worth stopping on."""
+    got = [r.id for r in results]
+    if got != list(keys):
+        raise RuntimeError(
+            f"the verifier returned results for {got[:4]}... but was asked for {list(keys)[:4]}... "
+            "(a Scorer must return one result per item, in order)"
+        )
