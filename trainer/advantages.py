@@ -89,11 +89,13 @@ def group_advantages(
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     array, back = _grouped("rewards", rewards)
+    g = array.shape[1]
+    if g == 0:
+        return back(array.copy())
     centred = array - array.mean(axis=1, keepdims=True)
     if scale_by_std:
-        g = array.shape[1]
         ddof = 1 if unbiased_std and g > 1 else 0
-        std = array.std(axis=1, ddof=ddof, keepdims=True) if g > 0 else np.zeros_like(array)
+        std = array.std(axis=1, ddof=ddof, keepdims=True)
         # With eps = 0 an all-equal group still has centred = 0: divide by 1 there.
         denom = std + eps
         centred = np.divide(centred, denom, out=np.zeros_like(centred), where=denom > 0)
