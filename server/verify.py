@@ -1,0 +1,272 @@
+"""The math-verify adapter that runs inside worker processes (the only module importing it).
+
+``Verifier.check(item)`` turns one ``ScoreItem`` into a ``Verdict``: the status, the extracted
+prediction and gold as strings, flags and per-stage timings. It never computes rewards (the
+supervisor does, so cached verdicts serve any reward scheme) and never runs in the server
+process: sympy can spin for minutes in bigint code that holds the GIL.
+
+Timeouts: math-verify's own timeouts use ``signal.alarm`` (whole seconds; fractional values
+silently turn verification off) and raise a ``BaseException`` subclass. We switch them off and
+arm one ``setitimer`` for the whole item instead, with sub-second resolution, raising our own
+``BaseException`` subclass so no ``except Exception`` in sympy or math-verify swallows it.
+That soft timeout handles the common case cheaply (the worker survives); C code that ignores
+signals is handled by the supervisor's hard deadline, which kills the worker.
+
+Strings: ``str()`` of a parsed sympy object can hang outside any timeout, so the extracted
+prediction / gold we report are the raw matched strings math-verify returns next to the sympy
+object, never ``str(expr)``.
+
+Known wrong verdicts of math-verify 0.9.0 and what we do about them (see docs/server.md):
+``1/2004!`` vs ``1/2006!`` and ``1/2^{99}`` vs ``1/2^{98}`` compare "equal" because numbers are
+rounded to ``float_rounding`` decimal places; when math-verify says "equal" and both sides
+are numeric constants, we re-check exactly (rationals) or with a relative tolerance and
+overturn the verdict (flag ``exact_recheck_overturned``). ``1-\\frac{1}{e}`` vs
+``1+\\frac{1}{e}`` comes out "equal" when a gold without math delimiters is parsed as a plain
+expression and only its leading ``1`` is extracted; LaTeX golds are therefore wrapped in
+``$...$`` before parsing, which gives the whole expression.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.config import VerifierConfig
+from server.types import AnswerFormat, ScoreItem, Status
+
+MAX_REPORTED_CHARS = 1_000
+_CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_CHOICE_FALLBACK = re.compile(r"\\boxed\{\s*\(?([A-Z])\)?\s*\}|\(([A-Z])\)|\*\*([A-Z])\*\*")
+_DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\begin")
+
+
+class SoftTimeout(BaseException):
+    """Raised by the worker's interval timer; a BaseException so library code cannot swallow it."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A worker's judgement of one item, before rewards.
+
+    Attributes:
+        status: OK, WRONG, NO_ANSWER, GOLD_UNPARSABLE, TIMEOUT or INTERNAL.
+        prediction: Extracted answer string (truncated).
+        gold: Parsed gold answer string (truncated).
+        message: Detail for non-OK/WRONG statuses.
+        flags: Notes such as ``exact_recheck_overturned``.
+        stages_ms: Milliseconds per stage: ``gold_parse``, ``pred_parse``, ``compare``.
+        gold_cache_hit: Whether every gold came from the gold cache.
+    """
+
+    status: Status
+    prediction: str = ""
+    gold: str = ""
+    message: str = ""
+    flags: tuple[str, ...] = ()
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    gold_cache_hit: bool = False
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise SoftTimeout()
+
+
+class Verifier:
+    """math-verify with gold caching, an exact numeric re-check and a soft timeout.
+
+    Must be used from a process's main thread (it installs a SIGALRM handler).
+
+    Args:
+        config: Verifier settings.
+    """
+
+    def __init__(self, config: VerifierConfig) -> None:
+        import math_verify  # the one place this heavy dependency is imported
+        import sympy
+
+        # We run math-verify with its own timeouts off (see module docstring); silence the
+        # warning it logs about that once per process.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        self._mv = math_verify
+        self._sympy = sympy
+        self.config = config
+        self._gold_cache: OrderedDict[tuple[str, AnswerFormat], list] = OrderedDict()
+        self._targets = {
+            AnswerFormat.LATEX: (
+                [math_verify.LatexExtractionConfig()],
+                [
+                    math_verify.LatexExtractionConfig(boxed_match_priority=0),
+                    math_verify.ExprExtractionConfig(),
+                ],
+            ),
+            AnswerFormat.EXPR: (
+                [math_verify.ExprExtractionConfig(), math_verify.LatexExtractionConfig()],
+                [math_verify.ExprExtractionConfig(), math_verify.LatexExtractionConfig()],
+            ),
+            AnswerFormat.CHOICE: (
+                [math_verify.StringExtractionConfig(strings=_CHOICES)],
+                [math_verify.StringExtractionConfig(strings=_CHOICES)],
+            ),
+        }
+        signal.signal(signal.SIGALRM, _on_alarm)
+
+    def clear_caches(self) -> None:
+        """Forget cached gold parses."""
+        self._gold_cache.clear()
+
+    def check(self, item: ScoreItem, budget_s: float) -> Verdict:
+        """Judge one item within ``budget_s`` seconds (soft timeout -> TIMEOUT verdict).
+
+        Args:
+            item: The item; it must already have passed ``server.guards.check_item``.
+            budget_s: Seconds the item may take in total.
+
+        Returns:
+            The verdict.
+        """
+        stages: dict[str, float] = {}
+        signal.setitimer(signal.ITIMER_REAL, max(budget_s, 0.001))
+        try:
+            return self._check(item, stages)
+        except SoftTimeout:
+            return Verdict(
+                Status.TIMEOUT,
+                message=f"verification did not finish within {budget_s:.3f} s",
+                stages_ms=stages,
+            )
+        except MemoryError:
+            return Verdict(
+                Status.INPUT_TOO_LARGE,
+                message="verification exceeded the worker memory limit",
+                stages_ms=stages,
+            )
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _check(self, item: ScoreItem, stages: dict[str, float]) -> Verdict:
+        fmt = item.answer_format
+        gold_targets, pred_targets = self._targets[fmt]
+        t0 = time.perf_counter()
+        golds = []
+        shown_gold = ""
+        all_hits = True
+        for g in item.golds:
+            parsed, hit = self._parse_gold(g, fmt, gold_targets)
+            all_hits &= hit
+            if parsed:
+                golds.append(parsed)
+                shown_gold = shown_gold or _shown(parsed) or g.strip()[:MAX_REPORTED_CHARS]
+        t1 = time.perf_counter()
+        stages["gold_parse"] = (t1 - t0) * 1e3
+        if not golds:
+            return Verdict(
+                Status.GOLD_UNPARSABLE,
+                message=f"none of the {len(item.golds)} gold answer(s) could be parsed as {fmt.value}",
+                stages_ms=stages,
+                gold_cache_hit=all_hits,
+            )
+        pred = self._parse(item.response, pred_targets, "first_match")
+        if not pred and fmt is AnswerFormat.CHOICE:
+            pred = self._choice_fallback(item.response, pred_targets)
+        t2 = time.perf_counter()
+        stages["pred_parse"] = (t2 - t1) * 1e3
+        if not pred:
+            return Verdict(
+                Status.NO_ANSWER,
+                gold=shown_gold,
+                message="no final answer could be extracted from the response",
+                stages_ms=stages,
+                gold_cache_hit=all_hits,
+            )
+        flags: list[str] = []
+        status = Status.WRONG
+        for gold in golds:
+            if self._mv.verify(
+                gold,
+                pred,
+                float_rounding=self.config.float_rounding,
+                numeric_precision=self.config.numeric_precision,
+                strict=self.config.strict,
+                timeout_seconds=None,
+            ):
+                if self.config.exact_numeric_recheck and self._numbers_differ(gold[0], pred[0]):
+                    flags.append("exact_recheck_overturned")
+                    continue
+                status = Status.OK
+                break
+        stages["compare"] = (time.perf_counter() - t2) * 1e3
+        return Verdict(
+            status,
+            prediction=_shown(pred),
+            gold=shown_gold,
+            flags=tuple(dict.fromkeys(flags)),
+            stages_ms=stages,
+            gold_cache_hit=all_hits,
+        )
+
+    def _parse(self, text: str, targets: list, fallback: str) -> list:
+        return self._mv.parse(text, targets, fallback_mode=fallback, parsing_timeout=None)
+
+    def _choice_fallback(self, response: str, targets: list) -> list:
+        """Letters math-verify's string patterns miss: ``(C)``, ``\\boxed{C}``, ``**C**``."""
+        found = _CHOICE_FALLBACK.findall(response[-2_000:])
+        if not found:
+            return []
+        letter = next(g for g in found[-1] if g)
+        return self._parse(f"Answer: {letter}", targets, "first_match")
+
+    def _parse_gold(self, gold: str, fmt: AnswerFormat, targets: list) -> tuple[list, bool]:
+        key = (gold, fmt)
+        cached = self._gold_cache.get(key)
+        if cached is not None:
+            self._gold_cache.move_to_end(key)
+            return cached, True
+        text = gold.strip()
+        if fmt is AnswerFormat.LATEX and not any(d in text for d in _DELIMITERS):
+            # A bare gold such as `1-\frac{1}{e}` is one math expression; without delimiters the
+            # LaTeX extractor finds nothing and the fallback keeps only the leading `1`.
+            text = f"${text}$"
+        # no_fallback: a gold that does not parse must not turn into a raw-string "answer"
+        # that only string-equal responses could match; it is GOLD_UNPARSABLE instead.
+        parsed = self._parse(text, targets, "no_fallback")
+        if fmt is AnswerFormat.LATEX and not parsed:
+            parsed = self._parse(gold, self._targets[AnswerFormat.EXPR][0], "no_fallback")
+        if self.config.gold_cache_size:
+            self._gold_cache[key] = parsed
+            if len(self._gold_cache) > self.config.gold_cache_size:
+                self._gold_cache.popitem(last=False)
+        return parsed, False
+
+    def _numbers_differ(self, gold: Any, pred: Any) -> bool:
+        """Exact re-check of an "equal" verdict between two numeric constants."""
+        sp = self._sympy
+        if not (isinstance(gold, sp.Expr) and isinstance(pred, sp.Expr)):
+            return False
+        if not (gold.is_number and pred.is_number):
+            return False
+        if gold.is_Rational and pred.is_Rational:
+            return gold != pred
+        a = sp.N(gold, 30)
+        b = sp.N(pred, 30)
+        if not (a.is_number and b.is_number) or a.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+            return False
+        scale = max(abs(a), abs(b))
+        if scale == 0:
+            return False
+        return bool(abs(a - b) > self.config.recheck_rel_tol * scale)
+
+
+def _shown(parsed: list) -> str:
+    """The raw matched string of a math-verify parse result (never ``str`` of sympy)."""
+    if len(parsed) > 1 and isinstance(parsed[1], str):
+        s = parsed[1]
+    elif isinstance(parsed[0], str):
+        s = parsed[0]
+    else:
+        s = ""
+    return s[:MAX_REPORTED_CHARS]

@@ -1,0 +1,98 @@
+"""Verdicts of the worker-side verifier (through a real pool, as in production)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.types import AnswerFormat, RewardScheme, Status
+
+from .conftest import item
+
+CASES = [
+    # (response, gold, format, expected status)
+    ("so the answer is \\boxed{42}", "42", AnswerFormat.LATEX, Status.OK),
+    ("\\boxed{41}", "42", AnswerFormat.LATEX, Status.WRONG),
+    ("\\boxed{\\frac{3}{4}}", "0.75", AnswerFormat.LATEX, Status.OK),
+    ("\\boxed{\\dfrac{6}{8}}", "\\frac{3}{4}", AnswerFormat.LATEX, Status.OK),
+    ("\\boxed{(1,2]}", "(1,2]", AnswerFormat.LATEX, Status.OK),
+    ("\\boxed{[1,2]}", "(1,2]", AnswerFormat.LATEX, Status.WRONG),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", AnswerFormat.LATEX, Status.OK),
+    ("I have no idea.", "42", AnswerFormat.LATEX, Status.NO_ANSWER),
+    ("\\boxed{2}", "\\frac{", AnswerFormat.LATEX, Status.GOLD_UNPARSABLE),
+    ("x = 3/4", "0.75", AnswerFormat.EXPR, Status.OK),
+    ("The answer is (C).", "C", AnswerFormat.CHOICE, Status.OK),
+    ("Answer: B", "C", AnswerFormat.CHOICE, Status.WRONG),
+    ("The answer is 0.333333", "\\frac13", AnswerFormat.LATEX, Status.OK),
+]
+
+
+@pytest.mark.parametrize("response,gold,fmt,expected", CASES)
+def test_verdicts(pool, response, gold, fmt, expected):
+    (r,) = pool.score([item(response, gold, answer_format=fmt)])
+    assert r.status is expected, r
+    assert r.correct is (expected is Status.OK)
+
+
+def test_any_gold_matches(pool):
+    (r,) = pool.score([item("\\boxed{7}", ("6", "7"))])
+    assert r.status is Status.OK
+
+
+# The known wrong verdicts of math-verify 0.9.0 (docs/server.md, "Known wrong verdicts").
+@pytest.mark.parametrize(
+    "response,gold",
+    [
+        ("\\boxed{\\frac{1}{2006!}}", "\\frac{1}{2004!}"),
+        ("\\boxed{\\frac{1}{2^{98}}}", "\\frac{1}{2^{99}}"),
+        ("\\boxed{1+\\frac{1}{e}}", "1-\\frac{1}{e}"),
+    ],
+)
+def test_known_wrong_verdicts_are_avoided(pool, response, gold):
+    (r,) = pool.score([item(response, gold)])
+    assert r.status is Status.WRONG, r
+    (same,) = pool.score([item(f"\\boxed{{{gold}}}", gold)])
+    assert same.status is Status.OK, same
+
+
+def test_recheck_flag_and_switch():
+    """The exact re-check overturns math-verify's rounding verdict; turning it off restores it."""
+    from server.config import PoolConfig, VerifierConfig
+    from server.pool import WorkerPool
+
+    it = item("\\boxed{\\frac{1}{2006!}}", "\\frac{1}{2004!}")
+    with WorkerPool(
+        PoolConfig(workers=1, verifier=VerifierConfig(exact_numeric_recheck=False))
+    ) as raw:
+        (r,) = raw.score([it])
+    assert r.status is Status.OK  # math-verify 0.9.0's own (wrong) verdict
+    from server.pool import WorkerPool as _  # noqa: F401
+
+
+def test_recheck_flag(pool):
+    (r,) = pool.score([item("\\boxed{\\frac{1}{2006!}}", "\\frac{1}{2004!}")])
+    assert "exact_recheck_overturned" in r.flags
+
+
+def test_rewards_and_overlong_penalty(pool):
+    ok, bad, long_ok = pool.score(
+        [
+            item("\\boxed{1}", "1", reward_scheme=RewardScheme.SIGNED),
+            item("\\boxed{2}", "1", reward_scheme=RewardScheme.SIGNED),
+            item(
+                "\\boxed{1}",
+                "1",
+                response_tokens=90,
+                max_response_tokens=100,
+                overlong_buffer=20,
+            ),
+        ]
+    )
+    assert (ok.reward, bad.reward) == (1.0, -1.0)
+    assert long_ok.overlong_penalty == pytest.approx(-0.5)
+    assert long_ok.reward == pytest.approx(0.5)
+
+
+def test_extracted_strings(pool):
+    (r,) = pool.score([item("work... \\boxed{\\frac{1}{2}}", "0.5")])
+    assert r.extracted_prediction == "\\frac{1}{2}"
+    assert r.extracted_gold == "0.5"
