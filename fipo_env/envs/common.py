@@ -8,7 +8,7 @@ call these same functions, which is what keeps their episodes identical.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,69 @@ def render_prompt(tokenizer: Any, config: EnvConfig, question: str) -> list[int]
         text = (tpl.system + "\n\n" if tpl.system else "") + user + "\n"
     text += tpl.assistant_prefix
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class PromptCache:
+    """``render_prompt`` with a bounded cache keyed by the question text.
+
+    Rendering a chat template and tokenising costs ~0.5-1 ms, as much as stepping
+    thousands of tokens; a trainer poses the same problem many times (G samples per
+    group, repeated draws from small levels), so prompts are rendered once.
+
+    Args:
+        tokenizer: The tokenizer.
+        config: The env config (its prompt template).
+        maxsize: Most prompts kept; the oldest is dropped beyond it.
+    """
+
+    def __init__(self, tokenizer: Any, config: EnvConfig, maxsize: int = 8192) -> None:
+        self._tokenizer = tokenizer
+        self._config = config
+        self._maxsize = maxsize
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, question: str) -> np.ndarray:
+        ids = self._cache.get(question)
+        if ids is None:
+            ids = np.asarray(
+                render_prompt(self._tokenizer, self._config, question), dtype=TOKEN_DTYPE
+            )
+            ids.flags.writeable = False  # shared by every episode that poses this problem
+            if len(self._cache) >= self._maxsize:
+                del self._cache[next(iter(self._cache))]
+            self._cache[question] = ids
+        return ids
+
+
+def make_batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
+    """A function decoding many token-id lists at once, special tokens skipped.
+
+    Uses the Rust ``tokenizers`` backend's ``decode_batch`` directly when the tokenizer
+    has one and it decodes a probe exactly as ``tokenizer.batch_decode`` does: the
+    transformers wrapper spends more time checking its inputs in Python than decoding
+    (about 2x on 64 x 1,024 tokens). Falls back to ``batch_decode`` otherwise.
+    """
+
+    def slow(seqs: list[list[int]]) -> list[str]:
+        return list(tokenizer.batch_decode(seqs, skip_special_tokens=True))
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode_batch", None)):
+        return slow
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return slow
+
+    def fast(seqs: list[list[int]]) -> list[str]:
+        return list(backend.decode_batch(seqs, skip_special_tokens=True))
+
+    specials = [int(i) for i in getattr(tokenizer, "all_special_ids", [])]
+    n = len(tokenizer)
+    probe = [specials + list(range(min(n, 300))), list(range(max(0, n - 300), n)) + specials]
+    try:
+        same = fast(probe) == slow(probe)
+    except Exception:  # noqa: BLE001 -- any backend quirk: keep the reference path
+        same = False
+    return fast if same else slow
 
 
 def observation_space(vocab_size: int, config: EnvConfig) -> spaces.Dict:

@@ -125,6 +125,8 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
         self._stop_arr = np.asarray(self.stop_ids, dtype=np.int64)
         self.pad_id = common.pad_id_of(self.tokenizer, self.vocab_size)
         self.verifier, self._owns_verifier = make_verifier(verifier)
+        self._prompts = common.PromptCache(self.tokenizer, config)
+        self._decode = common.make_batch_decoder(self.tokenizer)
 
         self.action_space = gym.spaces.Discrete(self.vocab_size)
         self.observation_space = common.observation_space(self.vocab_size, config)
@@ -234,10 +236,10 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
                 "call reset() before step()/step_tokens(), and again after an episode ends"
             )
 
-    def _draw(self, given: Problem | None) -> tuple[Problem, list[int]]:
+    def _draw(self, given: Problem | None) -> tuple[Problem, np.ndarray]:
         limit = self.config.max_prompt_tokens
         if given is not None:
-            ids = common.render_prompt(self.tokenizer, self.config, given.question)
+            ids = self._prompts(given.question)
             if len(ids) > limit:
                 raise ValueError(
                     f"the prompt of the given problem has {len(ids)} tokens, more than "
@@ -246,7 +248,7 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
             return given, ids
         for _ in range(self.config.max_redraws):
             problem = self.task.sample(self.np_random)
-            ids = common.render_prompt(self.tokenizer, self.config, problem.question)
+            ids = self._prompts(problem.question)
             if len(ids) <= limit:
                 return problem, ids
         raise ValueError(
@@ -268,7 +270,7 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
     ) -> tuple[ObsType, float, bool, bool, dict[str, Any]]:
         assert self._problem is not None
         ids = self._response[: self._response_len].tolist()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._decode([ids])[0]
         key = f"ep{self._episodes}"
         item = common.score_item(key, self._problem, text, self._response_len, self.config)
         results = self.verifier.score([item])

@@ -90,6 +90,8 @@ class MathReasoningVectorEnv(VectorEnv):
         self._stop_arr = np.asarray(self.stop_ids, dtype=np.int64)
         self.pad_id = common.pad_id_of(self.tokenizer, self.vocab_size)
         self.verifier, self._owns_verifier = make_verifier(verifier)
+        self._prompts = common.PromptCache(self.tokenizer, config)
+        self._decode = common.make_batch_decoder(self.tokenizer)
 
         import gymnasium as gym
 
@@ -315,7 +317,7 @@ class MathReasoningVectorEnv(VectorEnv):
     def _score(self, idx: np.ndarray, stopped: np.ndarray) -> list[tuple[float, dict[str, Any]]]:
         """Decode and score the episodes ``idx`` in one verifier batch."""
         seqs = [self._response[i, : self._response_len[i]].tolist() for i in idx]
-        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        texts = self._decode(seqs)
         keys = [f"c{self._calls}e{int(i)}" for i in idx]
         items = [
             common.score_item(k, self._problems[i], t, len(s), self.config)  # type: ignore[arg-type]
@@ -338,7 +340,7 @@ class MathReasoningVectorEnv(VectorEnv):
                 raise TypeError(
                     f"options['problems'][{i}] must be a Problem or None, got {given!r}"
                 )
-            ids = np.asarray(common.render_prompt(self.tokenizer, self.config, given.question))
+            ids = self._prompts(given.question)
             if ids.size > self.config.max_prompt_tokens:
                 raise ValueError(
                     f"the prompt of options['problems'][{i}] has {ids.size} tokens, more than "
@@ -375,9 +377,9 @@ class MathReasoningVectorEnv(VectorEnv):
         limit = self.config.max_prompt_tokens
         for _ in range(self.config.max_redraws):
             problem = self.task.sample(rng)
-            ids = common.render_prompt(self.tokenizer, self.config, problem.question)
+            ids = self._prompts(problem.question)
             if len(ids) <= limit:
-                return problem, np.asarray(ids, dtype=common.TOKEN_DTYPE)
+                return problem, ids
         raise ValueError(
             f"{self.config.max_redraws} problems in a row from task {self.task.name!r} had "
             f"prompts longer than max_prompt_tokens={limit}; raise the limit"

