@@ -213,6 +213,11 @@ class ServerConfig:
             "server.log_level must be DEBUG, INFO, WARNING or ERROR",
         )
 
+        _check(
+            self.pool.limits.max_batch_items <= self.pool.max_queue_items,
+            "limits.max_batch_items must be <= pool.max_queue_items (a full batch must fit)",
+        )
+
     @property
     def tls(self) -> bool:
         """Whether TLS is on."""

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 HARD_GRACE_S = 0.1
 """How long past an item's budget the supervisor waits for the worker's own soft timeout."""
 
+IDLE_CHECK_S = 0.5
+"""How often an idle supervisor thread checks that its worker is still alive."""
+
+
+class _Idle:
+    pass
+
+
+IDLE = _Idle()
+
 _CACHEABLE = frozenset({Status.OK, Status.WRONG, Status.NO_ANSWER, Status.GOLD_UNPARSABLE})
 
 
@@ -385,14 +395,22 @@ class WorkerPool:
         slot.thread.start()
         return slot
 
-    def _next_task(self, slot: _Slot) -> _Task | None:
+    def _next_task(self, slot: _Slot) -> _Task | None | _Idle:
+        """The next live task; ``None`` when closing; ``IDLE`` now and then to let an idle
+        slot notice that its worker died (e.g. killed from outside) and replace it."""
         with self._cond:
             while True:
-                if self._queue:
-                    return self._queue.popleft()
+                while self._queue:
+                    task = self._queue.popleft()
+                    if task.future.cancelled():  # the caller gave up (e.g. RPC cancelled)
+                        self._pending -= 1
+                        self._cond.notify_all()
+                        continue
+                    return task
                 if self._closing:
                     return None
-                self._cond.wait()
+                if not self._cond.wait(IDLE_CHECK_S):
+                    return IDLE
 
     def _requeue_front(self, task: _Task) -> None:
         with self._cond:
@@ -438,6 +456,8 @@ class WorkerPool:
     def _resolve(
         self, fut: Future, result: ScoreResult, stages: dict[str, float], cached: bool
     ) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return  # the caller cancelled it
         fut.set_result(result)
         try:
             self._events.on_result(result, stages, cached)
@@ -504,14 +524,19 @@ class _Slot:
                 task = pool._next_task(self)
                 if task is None:
                     break
+                if task is IDLE:
+                    self._ensure_worker()
+                    continue
                 try:
                     self._ensure_worker()
                 except RuntimeError as e:
                     pool._finish(task, Verdict(Status.INTERNAL, message=str(e)))
                     continue
-                retire = self._score(task)
-                if retire:
+                if self._score(task):
                     break
+                # Replace a worker lost on that item now, not when the next item arrives, so
+                # health reports SERVING again as soon as possible.
+                self._ensure_worker()
         except Exception:
             log.exception("supervisor thread failed")
         finally:

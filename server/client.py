@@ -1,0 +1,379 @@
+"""Python clients of the reward service: ``RewardClient`` (sync) and ``AsyncRewardClient``.
+
+Both implement ``server.types.Scorer`` (``score(items) -> list[ScoreResult]``), so code
+written against an in-process ``WorkerPool`` works unchanged against a remote server.
+
+* Batching: long item lists are split into requests of ``batch_size`` items, sent
+  concurrently (at most ``max_in_flight`` at once).
+* Retries: UNAVAILABLE and RESOURCE_EXHAUSTED are retried with exponential back-off and
+  jitter, honouring the server's ``retry-after-ms`` hint, until ``max_retries`` or the
+  deadline.
+* Deadlines: ``timeout_s`` bounds the whole ``score`` call; every RPC gets the time that is
+  left, and the server caps each item's verification by it.
+
+Example:
+    >>> with RewardClient("127.0.0.1:50051") as client:          # doctest: +SKIP
+    ...     client.score([ScoreItem("q1", "... \\\\boxed{4}", ("4",))])[0].reward
+    1.0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server import convert
+from server.gen.fipo.v1 import reward_pb2 as pb
+from server.gen.fipo.v1 import reward_pb2_grpc as pb_grpc
+from server.trl_reward import make_trl_reward_func
+from server.types import ScoreItem, ScoreResult
+
+__all__ = ["RewardClient", "AsyncRewardClient", "RewardError", "make_trl_reward_func"]
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class RewardError(RuntimeError):
+    """A scoring call failed for good (not retryable, retries used up, or deadline passed)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _read(x: bytes | str | Path | None) -> bytes | None:
+    if x is None or isinstance(x, bytes):
+        return x
+    return Path(x).read_bytes()
+
+
+class _Settings:
+    """Connection and retry settings shared by both clients."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
+        batch_size: int = 512,
+        max_in_flight: int = 4,
+        timeout_s: float = 300.0,
+        max_retries: int = 8,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if batch_size < 1 or max_in_flight < 1 or max_retries < 0 or timeout_s <= 0:
+            raise ValueError("batch_size, max_in_flight >= 1, max_retries >= 0, timeout_s > 0")
+        self.address = address
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.tls = tls or root_certificates is not None or client_cert is not None
+        self.creds = (
+            grpc.ssl_channel_credentials(
+                _read(root_certificates), _read(client_key), _read(client_cert)
+            )
+            if self.tls
+            else None
+        )
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+
+    def delay(self, attempt: int, err: grpc.RpcError | grpc.aio.AioRpcError) -> float:
+        """Back-off before retry ``attempt`` (1-based), at least the server's hint."""
+        hint = 0.0
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        for key, value in trailing or ():
+            if key == "retry-after-ms":
+                with contextlib.suppress(ValueError):
+                    hint = float(value) / 1e3
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return max(hint, base * random.uniform(0.5, 1.0))
+
+    def chunks(self, items: Sequence[ScoreItem]) -> list[Sequence[ScoreItem]]:
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
+
+def _request(chunk: Sequence[ScoreItem]) -> pb.ScoreRequest:
+    return pb.ScoreRequest(items=[convert.item_to_pb(it) for it in chunk])
+
+
+def _results(resp: pb.ScoreResponse, n: int) -> list[ScoreResult]:
+    if len(resp.results) != n:
+        raise RewardError(
+            grpc.StatusCode.INTERNAL, f"server returned {len(resp.results)} results for {n} items"
+        )
+    return [convert.result_from_pb(r) for r in resp.results]
+
+
+class RewardClient:
+    """Blocking client; implements ``Scorer``.
+
+    Args:
+        address: ``host:port`` of the server.
+        token: Bearer token, if the server requires one.
+        tls: Use TLS with the system's root certificates.
+        root_certificates: PEM CA (bytes or path) to verify the server (turns TLS on).
+        client_cert: PEM client certificate for mTLS (bytes or path).
+        client_key: PEM key of ``client_cert``.
+        batch_size: Items per request.
+        max_in_flight: Requests sent concurrently by one ``score`` call.
+        timeout_s: Default deadline of a whole ``score`` call.
+        max_retries: Retries per request on UNAVAILABLE / RESOURCE_EXHAUSTED.
+        backoff_s: First back-off; doubles per retry, with jitter.
+        max_backoff_s: Back-off cap.
+        max_message_bytes: Largest message sent or received.
+    """
+
+    def __init__(self, address: str, **kwargs) -> None:
+        self._s = _Settings(address, **kwargs)
+        s = self._s
+        if s.creds is not None:
+            self._channel = grpc.secure_channel(address, s.creds, options=s.options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=s.options)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+
+    def score(
+        self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
+    ) -> list[ScoreResult]:
+        """Score ``items``; one result per item, in order.
+
+        Raises:
+            RewardError: A request failed for good.
+        """
+        items = list(items)
+        deadline = time.monotonic() + (timeout_s or self._s.timeout_s)
+        chunks = self._s.chunks(items)
+        out: list[list[ScoreResult] | None] = [None] * len(chunks)
+        for start in range(0, len(chunks), self._s.max_in_flight):
+            window = range(start, min(len(chunks), start + self._s.max_in_flight))
+            calls = {i: self._send(chunks[i], deadline) for i in window}
+            for i, call in calls.items():
+                out[i] = self._collect(chunks[i], call, deadline)
+        return [r for part in out for r in part]  # type: ignore[union-attr]
+
+    def _send(self, chunk: Sequence[ScoreItem], deadline: float):
+        return self._stub.Score.future(
+            _request(chunk),
+            timeout=max(0.001, deadline - time.monotonic()),
+            metadata=self._s.metadata,
+        )
+
+    def _collect(self, chunk: Sequence[ScoreItem], call, deadline: float) -> list[ScoreResult]:
+        attempt = 0
+        while True:
+            try:
+                return _results(call.result(), len(chunk))
+            except grpc.RpcError as e:
+                attempt += 1
+                code = e.code()
+                if code not in RETRYABLE or attempt > self._s.max_retries:
+                    raise RewardError(code, e.details() or "") from None
+                pause = self._s.delay(attempt, e)
+                if time.monotonic() + pause >= deadline:
+                    raise RewardError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"gave up retrying {code.name}: {e.details()}",
+                    ) from None
+                time.sleep(pause)
+                call = self._send(chunk, deadline)
+
+    def score_stream(
+        self, items: Iterable[ScoreItem], *, timeout_s: float | None = None
+    ) -> Iterator[ScoreResult]:
+        """Stream items; yields results as they finish (out of order: match by ``id``).
+
+        ``items`` may be a generator producing rollouts as they are generated. Not retried:
+        on failure a ``RewardError`` is raised and the caller resends what is missing.
+        """
+        requests = (convert.item_to_pb(it) for it in items)
+        call = self._stub.ScoreStream(
+            requests, timeout=timeout_s or self._s.timeout_s, metadata=self._s.metadata
+        )
+        try:
+            for msg in call:
+                yield convert.result_from_pb(msg)
+        except grpc.RpcError as e:
+            raise RewardError(e.code(), e.details() or "") from None
+
+    def server_info(self, *, timeout_s: float = 10.0) -> pb.ServerInfo:
+        """The server's versions, settings and limits."""
+        return self._stub.GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=timeout_s, metadata=self._s.metadata
+        )
+
+    def health(self, service: str = "", *, timeout_s: float = 5.0) -> str:
+        """The gRPC health status name (``SERVING``, ``NOT_SERVING``, ...)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the channel connects (raises ``grpc.FutureTimeoutError`` otherwise)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRewardClient:
+    """asyncio client: ``await client.ascore(items)``; also a blocking ``Scorer``.
+
+    The channel lives on a private event loop in a background thread, so ``ascore`` can be
+    awaited from any event loop (many calls multiplex over one channel) and the blocking
+    ``score`` works from plain threads. Arguments are those of ``RewardClient``.
+    """
+
+    def __init__(self, address: str, **kwargs) -> None:
+        self._s = _Settings(address, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fipo-reward-aio", daemon=True
+        )
+        self._thread.start()
+        self._run(self._open()).result()
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _open(self) -> None:
+        s = self._s
+        if s.creds is not None:
+            self._channel = grpc.aio.secure_channel(s.address, s.creds, options=s.options)
+        else:
+            self._channel = grpc.aio.insecure_channel(s.address, options=s.options)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+
+    async def ascore(
+        self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
+    ) -> list[ScoreResult]:
+        """Score ``items`` without blocking the caller's event loop; results in order."""
+        return await asyncio.wrap_future(self._run(self._score(list(items), timeout_s)))
+
+    def score(
+        self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
+    ) -> list[ScoreResult]:
+        """Blocking form of ``ascore`` (the ``Scorer`` protocol)."""
+        return self._run(self._score(list(items), timeout_s)).result()
+
+    async def _score(self, items: list[ScoreItem], timeout_s: float | None) -> list[ScoreResult]:
+        deadline = time.monotonic() + (timeout_s or self._s.timeout_s)
+        gate = asyncio.Semaphore(self._s.max_in_flight)
+
+        async def one(chunk: Sequence[ScoreItem]) -> list[ScoreResult]:
+            async with gate:
+                return await self._score_chunk(chunk, deadline)
+
+        parts = await asyncio.gather(*(one(c) for c in self._s.chunks(items)))
+        return [r for part in parts for r in part]
+
+    async def _score_chunk(self, chunk: Sequence[ScoreItem], deadline: float) -> list[ScoreResult]:
+        attempt = 0
+        while True:
+            try:
+                resp = await self._stub.Score(
+                    _request(chunk),
+                    timeout=max(0.001, deadline - time.monotonic()),
+                    metadata=self._s.metadata,
+                )
+                return _results(resp, len(chunk))
+            except grpc.aio.AioRpcError as e:
+                attempt += 1
+                if e.code() not in RETRYABLE or attempt > self._s.max_retries:
+                    raise RewardError(e.code(), e.details() or "") from None
+                pause = self._s.delay(attempt, e)
+                if time.monotonic() + pause >= deadline:
+                    raise RewardError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"gave up retrying {e.code().name}"
+                    ) from None
+                await asyncio.sleep(pause)
+
+    async def astream(
+        self, items: Iterable[ScoreItem], *, timeout_s: float | None = None
+    ) -> AsyncIterator[ScoreResult]:
+        """Stream items; yields results as they finish (out of order: match by ``id``)."""
+        caller = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                call = self._stub.ScoreStream(
+                    (convert.item_to_pb(it) for it in items),
+                    timeout=timeout_s or self._s.timeout_s,
+                    metadata=self._s.metadata,
+                )
+                async for msg in call:
+                    caller.call_soon_threadsafe(out.put_nowait, convert.result_from_pb(msg))
+            except grpc.aio.AioRpcError as e:
+                caller.call_soon_threadsafe(
+                    out.put_nowait, RewardError(e.code(), e.details() or "")
+                )
+            finally:
+                caller.call_soon_threadsafe(out.put_nowait, end)
+
+        self._run(pump())
+        while (msg := await out.get()) is not end:
+            if isinstance(msg, RewardError):
+                raise msg
+            yield msg
+
+    async def aserver_info(self, *, timeout_s: float = 10.0) -> pb.ServerInfo:
+        """The server's versions, settings and limits."""
+
+        async def call():
+            return await self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=timeout_s, metadata=self._s.metadata
+            )
+
+        return await asyncio.wrap_future(self._run(call()))
+
+    def close(self) -> None:
+        """Close the channel and stop the private loop."""
+        if self._loop.is_closed():
+            return
+        self._run(self._channel.close()).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> AsyncRewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
