@@ -65,7 +65,6 @@ def test_recheck_flag_and_switch():
     ) as raw:
         (r,) = raw.score([it])
     assert r.status is Status.OK  # math-verify 0.9.0's own (wrong) verdict
-    from server.pool import WorkerPool as _  # noqa: F401
 
 
 def test_recheck_flag(pool):
