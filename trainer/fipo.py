@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -268,6 +269,7 @@ def future_kl(
     decay_rate: float,
     *,
     ratio_cap: float | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Future-KL ``F_t = sum_{k >= t} gamma^(k-t) * x_k`` with ``gamma = 2^(-1/decay_rate)``.
 
@@ -285,6 +287,9 @@ def future_kl(
         mask: Response-token mask, bool or 0/1 (nonzero = token counts).  # [B, T]
         decay_rate: Half-life ``tau`` in tokens, > 0.
         ratio_cap: Tokens with ratio above this are left out of the sums; None keeps all.
+        backend: ``"torch"`` (the blocked scan above, any device) or ``"triton"``: the
+            one-pass CUDA kernel of ``trainer.kernels.triton_scan``, float32 accumulation,
+            not yet validated on a GPU (see that module).
 
     Returns:
         ``F`` in float32 (float64 for float64 input), detached.  # [B, T]
@@ -306,6 +311,17 @@ def future_kl(
         raise ValueError(f"decay_rate must be finite and > 0, got {decay_rate}")
     if ratio_cap is not None and not ratio_cap > 0:
         raise ValueError(f"ratio_cap must be > 0 or None, got {ratio_cap}")
+
+    if backend == "triton":
+        if not (log_ratio.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+        if log_ratio.dtype == torch.float64:
+            raise ValueError("backend='triton' accumulates in float32; use 'torch' for float64")
+        from trainer.kernels.triton_scan import future_kl_triton
+
+        return future_kl_triton(log_ratio, mask, float(decay_rate), ratio_cap)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
     out_dtype = _acc_dtype(log_ratio.dtype)
     x = log_ratio.detach().to(torch.float64)
