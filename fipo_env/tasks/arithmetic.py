@@ -8,10 +8,10 @@ level what                                                         distinct prob
 0     one-digit addition ``a + b``                                  100
 1     one-digit ``a + b``, ``a - b``, ``a * b``                      300
 2     two-digit addition / subtraction                              16,200
-3     two-digit times one-digit; three-term expressions             ~40,000
-4     fractions ``p/q (+|-|*) r/s`` -> reduced fraction             ~26,000
-5     linear equations ``a*x + b = c`` -> integer or fraction x     ~60,000
-6     multi-step: ``(p/q + a) * b - c`` and ``expand (x+a)(x+b)``   ~100,000
+3     two-digit times one-digit; three-term expressions             9,360
+4     fractions ``p/q (+|-|*) r/s`` -> reduced fraction             15,552
+5     linear equations ``a*x + b = c`` -> integer or fraction x     40,016
+6     multi-step: ``(p/q + a) * b - c`` and ``expand (x+a)(x+b)``   104,041
 ===== ============================================================ ==================
 
 Every answer is computed exactly (``fractions.Fraction``, integer polynomial
