@@ -261,6 +261,23 @@ def final_info(
     }
 
 
+def score_or_raise(verifier: Any, items: list[ScoreItem]) -> list[ScoreResult]:
+    """Score ``items``; a verifier failure becomes a ``RuntimeError`` that says what was lost.
+
+    Raises:
+        RuntimeError: The verifier raised, or did not answer every item in order.
+    """
+    try:
+        results = verifier.score(items)
+    except Exception as e:
+        raise RuntimeError(
+            f"the verifier ({type(verifier).__name__}) failed to score {len(items)} finished "
+            f"episode(s): {e}; their rewards are lost, call reset()"
+        ) from e
+    check_results(results, [it.id for it in items])
+    return results
+
+
 def check_results(results: Sequence[ScoreResult], keys: Sequence[str]) -> None:
     """A verifier must answer every item, in order; anything else is a bug worth stopping on."""
     got = [r.id for r in results]

@@ -273,13 +273,14 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
         text = self._decode([ids])[0]
         key = f"ep{self._episodes}"
         item = common.score_item(key, self._problem, text, self._response_len, self.config)
-        results = self.verifier.score([item])
-        common.check_results(results, [key])
+        # The episode is over whether or not scoring succeeds: a failed verifier call must
+        # not leave a full response buffer that a retried step would write past.
+        self._done = True
+        self._needs_reset = True
+        results = common.score_or_raise(self.verifier, [item])
         info = common.final_info(self._problem, text, self._response_len, stopped, results[0])
         if consumed is not None:
             info["tokens_consumed"] = consumed
-        self._done = True
-        self._needs_reset = True
         return self._obs(), float(results[0].reward), stopped, not stopped, info
 
 

@@ -109,6 +109,7 @@ class MathReasoningVectorEnv(VectorEnv):
         self._ended = np.zeros(n, dtype=bool)  # episode over, sub-env not reset yet
         self._episode_idx = np.zeros(n, dtype=np.int64)
         self._started = False
+        self._broken = False  # a verifier call failed mid-step; a full reset is needed
         self._calls = 0
         n_groups = n // group_size
         self._group_rngs: list[np.random.Generator] = []
@@ -147,6 +148,9 @@ class MathReasoningVectorEnv(VectorEnv):
             raise ValueError(
                 f"options['problems'] must hold {self.num_envs} entries, got {len(given)}"
             )
+        if self._broken and mask is not None:
+            raise ResetNeeded("a verifier call failed; call reset() without reset_mask")
+        self._broken = False
         if seed is not None or not self._started:
             self._seed(seed)
         elif mask is None:
@@ -268,6 +272,8 @@ class MathReasoningVectorEnv(VectorEnv):
         """Autoreset bookkeeping; returns the mask of sub-envs reset by this call."""
         if not self._started:
             raise ResetNeeded("call reset() before step()/step_tokens()")
+        if self._broken:
+            raise ResetNeeded("a verifier call failed during the last step; call reset()")
         self._calls += 1
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
             return self._ended.copy()
@@ -323,8 +329,12 @@ class MathReasoningVectorEnv(VectorEnv):
             common.score_item(k, self._problems[i], t, len(s), self.config)  # type: ignore[arg-type]
             for k, i, t, s in zip(keys, idx, texts, seqs, strict=True)
         ]
-        results = self.verifier.score(items)
-        common.check_results(results, keys)
+        try:
+            results = common.score_or_raise(self.verifier, items)
+        except Exception:
+            # Episodes ended but have no reward: the batch is inconsistent until a reset.
+            self._broken = True
+            raise
         return [
             (
                 float(res.reward),

@@ -189,3 +189,30 @@ def test_bad_step_tokens_input_is_a_clear_error(tiny_tokenizer, local_verifier):
     # Nothing was written by the rejected calls.
     obs, *_ = venv.step_tokens(np.ones((2, 3), dtype=np.int64), lengths=[2, 0])
     assert obs["response_len"].tolist() == [2, 0]
+
+
+class FailingScorer:
+    """A verifier whose service is down."""
+
+    def score(self, items):
+        raise ConnectionError("reward server unreachable")
+
+
+def test_verifier_failure_is_a_clear_error_and_needs_reset(tiny_tokenizer, local_verifier):
+    eos = tiny_tokenizer.eos_token_id
+    venv = make_vec(tiny_tokenizer, FailingScorer(), n=2)
+    venv.reset(seed=0)
+    with pytest.raises(RuntimeError, match="reward server unreachable.*call reset"):
+        venv.step_tokens([[eos], [5]])
+    with pytest.raises(ResetNeeded, match="verifier call failed"):
+        venv.step_tokens([[5], [5]])
+    venv.verifier = local_verifier  # the service is back
+    venv.reset()
+    assert venv.step_tokens([[eos], [5]])[2].tolist() == [True, False]
+
+    env = gym.make(fipo_env.ENV_ID, tokenizer=tiny_tokenizer, verifier=FailingScorer())
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match="failed to score 1 finished episode"):
+        env.step(eos)
+    with pytest.raises(ResetNeeded):
+        env.step(5)
