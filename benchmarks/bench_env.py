@@ -17,6 +17,8 @@ the verifier's result cache does not flatter the figures), ``length`` tokens eac
 Usage:
     .venv/bin/python benchmarks/bench_env.py            # full run (~2-4 min on 2 cores)
     .venv/bin/python benchmarks/bench_env.py --no-vllm  # env figures only
+    .venv/bin/python benchmarks/bench_env.py --accuracy --levels 0,1,2  # model accuracy per
+                                                         # level and prompt template
 """
 
 from __future__ import annotations
@@ -188,6 +190,64 @@ def bench_vllm(model_dir, tok, scorer, batch, gen_tokens):  # noqa: ANN001
     }
 
 
+def accuracy_sweep(model_dir, tok, scorer, levels, n, gen_tokens):  # noqa: ANN001
+    """Sampled accuracy of the model per arithmetic level and prompt template (vLLM)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from fipo_env.config import PromptTemplate
+    from fipo_env.envs.vector import MathReasoningVectorEnv
+    from fipo_env.tasks import ArithmeticTask
+
+    templates = {
+        "boxed (default)": PromptTemplate(),
+        "plain question": PromptTemplate(user="{question}"),
+    }
+    envs, prompts = {}, []
+    for level in levels:
+        for name, tpl in templates.items():
+            env = MathReasoningVectorEnv(
+                num_envs=n,
+                tokenizer=tok,
+                verifier=scorer,
+                task=ArithmeticTask(level, split="all"),
+                max_response_tokens=gen_tokens,
+                prompt=tpl,
+            )
+            obs, _ = env.reset(seed=level)
+            envs[(level, name)] = env
+            prompts += [
+                TokensPrompt(prompt_token_ids=obs["prompt_ids"][i, : obs["prompt_len"][i]].tolist())
+                for i in range(n)
+            ]
+    llm = LLM(model=str(model_dir), gpu_memory_utilization=0.3, seed=0, dtype="bfloat16")
+    params = SamplingParams(temperature=1.0, max_tokens=gen_tokens)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    rows = []
+    for k, (key, env) in enumerate(envs.items()):
+        chunk = [list(o.outputs[0].token_ids) for o in outs[k * n : (k + 1) * n]]
+        _, _, _, _, infos = env.step_tokens(chunk)
+        fin = infos["final_info"]
+        rows.append(
+            {
+                "level": key[0],
+                "prompt": key[1],
+                "accuracy": float(np.mean(fin["correct"].astype(float))),
+                "boxed_rate": float(np.mean(["\\boxed" in r for r in fin["response"]])),
+                "mean_tokens": float(np.mean(fin["response_tokens"].astype(float))),
+            }
+        )
+        env.close()
+        r = rows[-1]
+        print(
+            f"level {r['level']}  {r['prompt']:16s} accuracy {r['accuracy']:.2f}  "
+            f"boxed {r['boxed_rate']:.2f}  mean length {r['mean_tokens']:.0f}",
+            flush=True,
+        )
+    del llm
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,6 +260,12 @@ def main() -> None:
     ap.add_argument("--verify-workers", type=int, default=2)
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="instead: the model's sampled accuracy per arithmetic level and prompt (vLLM)",
+    )
+    ap.add_argument("--levels", default="0,1,2", help="levels for --accuracy")
     args = ap.parse_args()
 
     from fipo_env.models import default_model_dir, load_tokenizer
@@ -209,6 +275,13 @@ def main() -> None:
     model_dir = default_model_dir()
     tok = load_tokenizer(model_dir)
     eos = tok.eos_token_id
+    if args.accuracy:
+        local = LocalVerifier(workers=args.verify_workers)
+        levels = [int(x) for x in args.levels.split(",")]
+        rows = accuracy_sweep(model_dir, tok, local, levels, args.batch, args.gen_tokens)
+        local.close()
+        print(json.dumps(rows, indent=1))
+        return
     n_vec = args.batch * args.rounds
     responses = realistic_responses(tok, n_vec + args.single_episodes, args.length, eos, seed=1)
     # No result cache: every rollout is new text in training, so cached verdicts would flatter.

@@ -25,4 +25,29 @@ if ENV_ID not in gymnasium.registry:
         order_enforce=False,
     )
 
-__all__ = ["ENV_ID"]
+# Convenience names, imported on first use so that `import fipo_env` (which registration
+# needs) stays cheap.
+_EXPORTS = {
+    "EnvConfig": "fipo_env.config",
+    "PromptTemplate": "fipo_env.config",
+    "MathReasoningEnv": "fipo_env.envs.math_reasoning",
+    "MathReasoningVectorEnv": "fipo_env.envs.vector",
+    "LocalVerifier": "fipo_env.verifiers",
+    "Verifier": "fipo_env.verifiers",
+    "make_verifier": "fipo_env.verifiers",
+    "ArithmeticTask": "fipo_env.tasks",
+    "Problem": "fipo_env.tasks",
+    "make_task": "fipo_env.tasks",
+    "load_problems": "fipo_env.tasks",
+    "sample_problems": "fipo_env.tasks",
+}
+
+__all__ = ["ENV_ID", *_EXPORTS]
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fipo_env' has no attribute {name!r}")

@@ -39,10 +39,14 @@ def test_prompt_cache_returns_the_rendered_prompt_read_only(tiny_tokenizer):
 
 
 def test_embedded_smollm2_tokenizer_end_to_end(default_model_dir, local_verifier):
-    from fipo_env.models import load_tokenizer
+    import gymnasium as gym
 
-    tok = load_tokenizer(default_model_dir)
-    env = MathReasoningEnv(tokenizer=tok, verifier=local_verifier, max_response_tokens=32)
+    import fipo_env
+
+    # No tokenizer argument: the embedded default model's tokenizer, loaded offline.
+    env = gym.make(fipo_env.ENV_ID, verifier=local_verifier, max_response_tokens=32)
+    tok = env.tokenizer
+    assert tok.name_or_path == str(default_model_dir)
     assert env.stop_ids == (tok.convert_tokens_to_ids("<|im_end|>"),)
     assert env.action_space.n == len(tok) == 49152
     obs, info = env.reset(seed=0)

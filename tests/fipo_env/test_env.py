@@ -26,6 +26,7 @@ def encode(tok, text):
 
 
 def test_registered_with_module_class_entry_points():
+    assert fipo_env.EnvConfig is EnvConfig and fipo_env.MathReasoningEnv is MathReasoningEnv
     spec = gym.spec(fipo_env.ENV_ID)
     assert spec.entry_point == "fipo_env.envs.math_reasoning:MathReasoningEnv"
     assert spec.vector_entry_point == "fipo_env.envs.vector:MathReasoningVectorEnv"
