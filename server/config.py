@@ -37,8 +37,9 @@ class VerifierConfig:
     """Relative tolerance of the re-check for non-rational numbers; loose enough that
     ``0.333333`` still equals ``1/3`` as math-verify intends."""
     gold_cache_size: int = 4096
-    """Parsed gold answers kept per worker (LRU); a trainer sends G responses per gold. 0 turns
-    the cache off."""
+    """Per-worker LRU caches keyed by gold: parsed golds, and verdicts keyed by (gold, extracted
+    answer). A trainer sends G responses per gold and they repeat a few answers. 0 turns both
+    caches off."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.float_rounding <= 30, "verifier.float_rounding must be in [0, 30]")
@@ -114,8 +115,9 @@ class PoolConfig:
     max_deadline_s: float = 60.0
     """Largest per-item deadline an item may ask for (larger requests are capped)."""
     slow_after_s: float = 0.5
-    """An item still running after this long is "slow": its worker is set aside and a fresh
-    worker takes its place, so slow items never hold every worker."""
+    """An item that has used this much worker CPU time is "slow": its worker is set aside and a
+    fresh worker takes its place, so slow items never hold every worker. CPU time, not wall
+    time, so a loaded machine does not make every item look slow."""
     max_extra_workers: int = 2
     """Most workers started to stand in for slow ones at any moment."""
     max_queue_items: int = 8_192

@@ -566,6 +566,10 @@ class _Slot:
         task_id = next(pool._ids)
         started = time.monotonic()
         hard_deadline = started + budget + HARD_GRACE_S
+        # "Slow" is judged on the worker's CPU time, not wall time: on a loaded machine an item
+        # can take long without being expensive, and setting its worker aside would only add
+        # worker churn.
+        cpu0 = _cpu_seconds(worker.pid)
         slow_at = started + cfg.slow_after_s
         went_slow = False
         try:
@@ -587,6 +591,10 @@ class _Slot:
                     )
                     break
                 if not went_slow:
+                    used = (_cpu_seconds(worker.pid) - cpu0) if cpu0 is not None else None
+                    if used is not None and used < cfg.slow_after_s:
+                        slow_at = time.monotonic() + max(0.01, cfg.slow_after_s - used)
+                        continue
                     went_slow = True
                     pool._mark_slow(self)
         except (EOFError, OSError, BrokenPipeError) as e:
@@ -614,6 +622,19 @@ class _Slot:
 
     def _after_slow(self, went_slow: bool) -> bool:
         return went_slow and self.pool._slow_done(self)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) of process ``pid`` from /proc; None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def default_workers() -> int:

@@ -42,6 +42,7 @@ from server.types import AnswerFormat, ScoreItem, Status
 MAX_REPORTED_CHARS = 1_000
 _CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _CHOICE_FALLBACK = re.compile(r"\\boxed\{\s*\(?([A-Z])\)?\s*\}|\(([A-Z])\)|\*\*([A-Z])\*\*")
+_TAIL_CONTEXT = 1_000  # characters kept before the last \\boxed when parsing the tail first
 _DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\begin")
 
 
@@ -96,6 +97,9 @@ class Verifier:
         self._sympy = sympy
         self.config = config
         self._gold_cache: OrderedDict[tuple[str, AnswerFormat], list] = OrderedDict()
+        self._verdict_cache: OrderedDict[tuple[str, AnswerFormat, str], tuple[bool, bool]] = (
+            OrderedDict()
+        )
         self._targets = {
             AnswerFormat.LATEX: (
                 [math_verify.LatexExtractionConfig()],
@@ -118,6 +122,7 @@ class Verifier:
     def clear_caches(self) -> None:
         """Forget cached gold parses."""
         self._gold_cache.clear()
+        self._verdict_cache.clear()
 
     def check(self, item: ScoreItem, budget_s: float) -> Verdict:
         """Judge one item within ``budget_s`` seconds (soft timeout -> TIMEOUT verdict).
@@ -152,14 +157,14 @@ class Verifier:
         fmt = item.answer_format
         gold_targets, pred_targets = self._targets[fmt]
         t0 = time.perf_counter()
-        golds = []
+        golds: list[tuple[str, list]] = []
         shown_gold = ""
         all_hits = True
         for g in item.golds:
             parsed, hit = self._parse_gold(g, fmt, gold_targets)
             all_hits &= hit
             if parsed:
-                golds.append(parsed)
+                golds.append((g, parsed))
                 shown_gold = shown_gold or _shown(parsed) or g.strip()[:MAX_REPORTED_CHARS]
         t1 = time.perf_counter()
         stages["gold_parse"] = (t1 - t0) * 1e3
@@ -170,7 +175,7 @@ class Verifier:
                 stages_ms=stages,
                 gold_cache_hit=all_hits,
             )
-        pred = self._parse(item.response, pred_targets, "first_match")
+        pred = self._parse_response(item.response, pred_targets)
         if not pred and fmt is AnswerFormat.CHOICE:
             pred = self._choice_fallback(item.response, pred_targets)
         t2 = time.perf_counter()
@@ -185,29 +190,72 @@ class Verifier:
             )
         flags: list[str] = []
         status = Status.WRONG
-        for gold in golds:
-            if self._mv.verify(
+        shown_pred = _shown(pred)
+        for gold_text, gold in golds:
+            equal, overturned = self._compare(gold_text, fmt, gold, pred, shown_pred)
+            if overturned:
+                flags.append("exact_recheck_overturned")
+            if equal:
+                status = Status.OK
+                break
+        stages["compare"] = (time.perf_counter() - t2) * 1e3
+        return Verdict(
+            status,
+            prediction=shown_pred,
+            gold=shown_gold,
+            flags=tuple(dict.fromkeys(flags)),
+            stages_ms=stages,
+            gold_cache_hit=all_hits,
+        )
+
+    def _compare(
+        self, gold_text: str, fmt: AnswerFormat, gold: list, pred: list, shown_pred: str
+    ) -> tuple[bool, bool]:
+        """(equal, overturned by the exact re-check), cached per (gold, extracted answer).
+
+        In a group of G samples the same few answers recur, and sympy's comparison is the
+        costliest stage; the verdict depends only on the gold text and the extracted answer
+        string (the sympy objects are parsed from exactly those strings).
+        """
+        key = (gold_text, fmt, shown_pred) if shown_pred and self.config.gold_cache_size else None
+        if key is not None:
+            hit = self._verdict_cache.get(key)
+            if hit is not None:
+                self._verdict_cache.move_to_end(key)
+                return hit
+        equal = bool(
+            self._mv.verify(
                 gold,
                 pred,
                 float_rounding=self.config.float_rounding,
                 numeric_precision=self.config.numeric_precision,
                 strict=self.config.strict,
                 timeout_seconds=None,
-            ):
-                if self.config.exact_numeric_recheck and self._numbers_differ(gold[0], pred[0]):
-                    flags.append("exact_recheck_overturned")
-                    continue
-                status = Status.OK
-                break
-        stages["compare"] = (time.perf_counter() - t2) * 1e3
-        return Verdict(
-            status,
-            prediction=_shown(pred),
-            gold=shown_gold,
-            flags=tuple(dict.fromkeys(flags)),
-            stages_ms=stages,
-            gold_cache_hit=all_hits,
+            )
         )
+        overturned = False
+        if equal and self.config.exact_numeric_recheck and self._numbers_differ(gold[0], pred[0]):
+            equal, overturned = False, True
+        if key is not None:
+            self._verdict_cache[key] = (equal, overturned)
+            if len(self._verdict_cache) > self.config.gold_cache_size:
+                self._verdict_cache.popitem(last=False)
+        return equal, overturned
+
+    def _parse_response(self, response: str, targets: list) -> list:
+        """Parse a response, looking first at the text around its last ``\\boxed``.
+
+        math-verify tries matches right to left and stops at the first that parses, so when
+        the tail holds a parsable last boxed answer, parsing only the tail gives the same
+        result at a fraction of the cost of running every pattern over a 10k-character chain
+        of thought. Otherwise (no boxed answer, or it does not parse) the full text is parsed.
+        """
+        cut = response.rfind("\\boxed") - _TAIL_CONTEXT
+        if cut > 0:
+            pred = self._parse(response[cut:], targets, "first_match")
+            if pred and not isinstance(pred[0], str):
+                return pred
+        return self._parse(response, targets, "first_match")
 
     def _parse(self, text: str, targets: list, fallback: str) -> list:
         return self._mv.parse(text, targets, fallback_mode=fallback, parsing_timeout=None)
