@@ -81,18 +81,26 @@ class TaskConfig:
 
     SECTION: ClassVar[str] = "task"
 
-    source: str = "arithmetic"
-    """``arithmetic`` (built-in generator) or a path to a JSONL / Parquet file with
-    ``problem`` and ``answer`` columns."""
-    difficulty: int = 1
-    """Difficulty level of the built-in generator (1 = one-digit additions)."""
+    spec: str = "arithmetic:0,1,2"
+    """``fipo_env`` task spec: ``arithmetic[:levels]``, ``reasoning_gym:<name>`` or
+    ``file:<path>`` (JSONL / Parquet with ``problem`` and ``answer`` columns). Training
+    draws from its train split, evaluation from its eval split (disjoint by hash)."""
     seed: int = 0
-    """Seed of the problem stream (training and held-out splits never overlap)."""
+    """Seed of the training problem stream."""
+    eval_seed: int = 1234
+    """Seed that picks the held-out eval problems (fixed across a run and its resumes)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _check(bool(self.source.strip()), s, "source", "must not be empty", self.source)
-        _check(self.difficulty >= 1, s, "difficulty", "must be >= 1", self.difficulty)
+        _check(bool(self.spec.strip()), s, "spec", "must not be empty", self.spec)
+        kind = self.spec.partition(":")[0]
+        _check(
+            kind in ("arithmetic", "reasoning_gym", "file"),
+            s,
+            "spec",
+            "must start with arithmetic, reasoning_gym: or file:",
+            self.spec,
+        )
 
 
 @dataclass(frozen=True)
@@ -422,7 +430,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "logprob_chunk_tokens": 4096,
             "micro_batch_tokens": 65536,
         },
-        "task": {"difficulty": 3},
+        "task": {"spec": "arithmetic:3,4,5,6"},
         "rollout": {
             "prompts_per_step": 64,
             "group_size": 16,

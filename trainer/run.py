@@ -1,0 +1,442 @@
+"""``python -m trainer.run`` / ``fipo-train``: decoupled FIPO training, end to end.
+
+With no arguments it trains the embedded default (SmolLM2-135M-Instruct on the built-in
+arithmetic problems) on this machine's CPU; ``--help`` lists the options.
+
+How this departs from a textbook GRPO loop:
+
+- The rollout side is a separate process (vLLM, or HF ``generate`` where vLLM is absent)
+  that runs up to ``rollout.max_staleness`` policy versions ahead through a bounded queue;
+  every group records the version that generated it. ``max_staleness=0`` is synchronous.
+- Rewards come from the gRPC reward server (started here as a subprocess unless
+  ``rollout.reward_address`` names a running one), via the token-level env.
+- Each rollout batch gets ``optim.mini_batches`` optimiser steps, with ``old_logp``
+  recomputed by the learner first, so Future-KL (FIPO) acts from the second step on.
+- Optional truncated importance sampling corrects for the engine's (stale) policy.
+
+Per step: rollout -> reward (both in the worker) -> advantage -> loss + optimiser steps ->
+publish weights -> log. Everything a run produces goes to its run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.config import USAGE, ConfigError, TrainConfig, parse_args, parse_cpus, save_yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+# vLLM's per-weight load warnings and INFO lines would bury the progress bar.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not be started or reached."""
+
+
+# --------------------------------------------------------------------------------------
+# Setup helpers (small, each with one job)
+# --------------------------------------------------------------------------------------
+
+
+class _Stopper:
+    """Turns SIGTERM / Ctrl-C into a clean stop.
+
+    The signal raises ``KeyboardInterrupt`` at once only while the loop waits (for a batch,
+    for eval); during an update it just sets ``requested`` and the loop stops after the
+    step, so a checkpoint never holds a half-applied update.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str = ""
+        self._waiting = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        if self._waiting:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.requested:
+            raise KeyboardInterrupt
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the trainer dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_reward_server(workers: int, log_path: Path, timeout_s: float = 180.0):
+    """Start ``python -m server`` on a free port; return ``(process, address)``.
+
+    Raises:
+        RewardServerError: It exited or did not report its address within ``timeout_s``.
+    """
+    log = open(log_path, "ab")  # noqa: SIM115 -- owned by the child for its lifetime
+    cmd = [sys.executable, "-m", "server", "--port", "0", "--no-metrics",
+           "--workers", str(workers)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)  # fmt: skip
+    log.close()
+    deadline = time.monotonic() + timeout_s
+    pattern = re.compile(r'"address":\s*"([^"]+)"')
+    while time.monotonic() < deadline:
+        match = pattern.search(log_path.read_text(errors="replace"))
+        if match:
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RewardServerError(
+                f"the reward server exited with code {proc.returncode} at start:\n{tail}"
+            )
+        time.sleep(0.2)
+    stop_process(proc)
+    raise RewardServerError(f"the reward server did not start within {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM, wait, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait_reward_server(address: str, attempts: int = 8, first_delay_s: float = 0.5) -> None:
+    """Check that ``address`` serves (gRPC health SERVING), retrying with back-off.
+
+    Raises:
+        RewardServerError: Still unreachable after ``attempts`` tries; says how to fix it.
+    """
+    from server.client import RewardClient
+
+    delay, last = first_delay_s, ""
+    for _ in range(attempts):
+        client = RewardClient(address)
+        try:
+            status = client.health(timeout_s=5.0)
+            if status == "SERVING":
+                return
+            last = f"health status {status}"
+        except Exception as exc:  # noqa: BLE001 -- any failure means "not reachable yet"
+            last = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        finally:
+            client.close()
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+    raise RewardServerError(
+        f"reward server at {address} is unreachable after {attempts} attempts ({last}). "
+        "Start one with `python -m server --port PORT`, or leave rollout.reward_address "
+        "empty to let the trainer start its own."
+    )
+
+
+def make_run_dir(cfg: TrainConfig, resume: str) -> Path:
+    """The run folder: the resumed one, or a new ``out_dir/name`` (timestamp by default)."""
+    if resume:
+        return Path(resume)
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.out_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"run.name: run folder {str(run_dir)!r} already holds a run; pick another "
+            "run.name or pass --resume to continue it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rollout_worker_config(cfg: TrainConfig, model_dir: Path, verifier: str):
+    """The rollout helper's worker config, from ours."""
+    from trainer.engines.base import EngineConfig
+    from trainer.engines.rollout import RolloutWorkerConfig
+
+    r = cfg.rollout
+    max_prompt = 256
+    engine = EngineConfig(
+        model_dir=str(model_dir),
+        kind=r.engine,
+        seed=cfg.run.seed,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        max_model_len=max_prompt + max(r.max_response_tokens, cfg.eval_max_tokens),
+    )
+    return RolloutWorkerConfig(
+        engine=engine,
+        task=cfg.task.spec,
+        verifier=verifier,
+        group_size=r.group_size,
+        groups_per_batch=r.prompts_per_step,
+        max_prompt_tokens=max_prompt,
+        max_response_tokens=r.max_response_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        reward_scheme=cfg.algorithm.reward_scheme,
+        overlong_buffer=r.overlong_buffer or None,
+        dynamic_sampling=r.dynamic_sampling,
+        max_sampling_rounds=r.max_sampling_rounds,
+        max_staleness=r.max_staleness,
+        seed=cfg.task.seed,
+        cpus=parse_cpus(r.worker_cpus),
+    )
+
+
+def batch_metrics(batch: Any, learner_version: int) -> dict[str, float]:
+    """``reward/…`` and ``rollout/…`` statistics of one rollout batch."""
+    rewards = np.concatenate([g.rewards for g in batch.groups])
+    correct = np.concatenate([g.correct for g in batch.groups])
+    truncated = np.concatenate([g.truncated for g in batch.groups])
+    lengths = np.array([len(r) for g in batch.groups for r in g.response_ids])
+    stale = np.array([learner_version - g.policy_version for g in batch.groups])
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/accuracy": float(correct.mean()),
+        "rollout/response_len_mean": float(lengths.mean()),
+        "rollout/response_len_max": float(lengths.max()),
+        "rollout/truncated_frac": float(truncated.mean()),
+        "rollout/staleness_mean": float(stale.mean()),
+        "rollout/staleness_max": float(stale.max()),
+        "rollout/groups": float(len(batch.groups)),
+        "rollout/kept_frac": len(batch.groups) / max(1, batch.num_generated_groups),
+        "rollout/gen_s": float(batch.gen_seconds),
+        "rollout/gen_tokens_per_s": batch.gen_tokens / max(batch.gen_seconds, 1e-9),
+    }
+
+
+def summary_line(step: int, steps: int, m: dict[str, float]) -> str:
+    """The one-line per-step summary."""
+    parts = [
+        f"step {step}/{steps}",
+        f"reward {m['reward/mean']:+.3f}",
+        f"acc {m['reward/accuracy']:.3f}",
+        f"len {m['rollout/response_len_mean']:.1f}",
+        f"stale {m['rollout/staleness_mean']:.1f}",
+        f"loss {m.get('loss/policy', float('nan')):+.4f}",
+        f"|F| {m.get('fipo/future_kl_abs_mean', 0.0):.4f}",
+        f"kl {m.get('loss/approx_kl', 0.0):.2e}",
+        f"gen {m['rollout/gen_s']:.1f}s wait {m['perf/wait_s']:.1f}s "
+        f"learn {m['perf/learner_s']:.1f}s sync {m['perf/publish_s']:.1f}s",
+    ]
+    if m.get("optim/skipped_nonfinite"):
+        parts.append(f"SKIPPED {int(m['optim/skipped_nonfinite'])} non-finite step(s)")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: str = "") -> int:
+    """Train per ``cfg`` (resuming from ``resume`` when given); returns an exit code."""
+    import torch
+    from tqdm import tqdm
+
+    from fipo_env.models import load_tokenizer, resolve_model_dir
+    from trainer.advantages import group_advantages
+    from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+    from trainer.engines.source import ProcessRolloutSource
+    from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
+    from trainer.learner import Learner, build_loss_config
+    from trainer.plots import MetricsLog, write_plots
+
+    stopper = _Stopper()
+    stopper.install()
+    run_dir = make_run_dir(cfg, resume)
+    save_yaml(cfg, run_dir / "config.yaml")
+    model_dir = resolve_model_dir(cfg.model.path)
+    learner_cpus = parse_cpus(cfg.rollout.learner_cpus)
+    if learner_cpus:
+        os.sched_setaffinity(0, learner_cpus)
+        torch.set_num_threads(len(learner_cpus))
+    seed_everything(cfg.run.seed)
+    print(f"[fipo] run folder {run_dir}  model {model_dir}  algorithm {cfg.algorithm.name}",
+          flush=True)  # fmt: skip
+
+    with contextlib.ExitStack() as stack:
+        # Reward server: an existing address, or our own subprocess (stopped at the end).
+        address = cfg.rollout.reward_address
+        if not address:
+            proc, address = start_reward_server(
+                cfg.rollout.reward_workers, run_dir / "reward_server.log"
+            )
+            stack.callback(stop_process, proc)
+        wait_reward_server(address)
+
+        # Learner (and the state to resume from).
+        tokenizer = load_tokenizer(model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        learner = Learner(cfg, model_dir, build_loss_config(cfg.algorithm), pad_id=pad_id)
+        start_step = 0
+        if resume:
+            state = load_checkpoint(resume)
+            learner.load_state_dict(state["learner"])
+            set_rng_state(state["rng"])
+            start_step = int(state["step"])
+            print(f"[fipo] resumed at step {start_step} (policy version {learner.version})",
+                  flush=True)  # fmt: skip
+
+        # Rollout worker (engine + env + verifier in its own process) and weight publisher.
+        source = ProcessRolloutSource(
+            rollout_worker_config(cfg, model_dir, address),
+            initial_version=learner.version,
+            initial_weights=learner.hf_state_dict() if learner.version else None,
+            autostart=False,  # the first eval runs before rollouts compete for the CPU
+        )
+        stack.callback(source.close)
+        with stopper.interruptible():
+            source.wait_ready()
+
+        # Held-out eval: same env, verifier and engine, greedy.
+        eval_env = make_eval_env(cfg, model_dir, address)
+        stack.callback(eval_env.close)
+        problems = held_out_problems(cfg.task.spec, cfg.eval.num_problems, cfg.task.eval_seed)
+        generator = SourceGreedyGenerator(source, eval_env.stop_ids)
+        log = MetricsLog(run_dir / "metrics.jsonl",
+                         truncate_after_step=start_step if resume else None)  # fmt: skip
+        stack.callback(log.close)
+
+        evaluated_at: list[int] = []
+
+        def run_eval(step: int) -> dict[str, float]:
+            if not problems or step in evaluated_at:
+                return {}
+            evaluated_at.append(step)
+            with stopper.interruptible():
+                metrics, samples = evaluate(generator, eval_env, problems, cfg.eval_max_tokens)
+            log.write("eval", step, metrics)
+            with open(run_dir / "eval_samples.jsonl", "a") as f:
+                for s in samples[:20]:
+                    f.write(json.dumps({"step": step, **s}) + "\n")
+            tqdm.write(
+                f"[eval] step {step}: accuracy {metrics['eval/accuracy']:.3f} on "
+                f"{len(problems)} held-out problems, mean length "
+                f"{metrics['eval/response_len_mean']:.1f} tokens ({metrics['perf/eval_s']:.0f} s)"
+            )
+            return metrics
+
+        def checkpoint(step: int) -> None:
+            save_checkpoint(run_dir, step, learner.state_dict(), {"policy_version": learner.version},
+                            keep=cfg.run.keep_checkpoints)  # fmt: skip
+
+        steps = cfg.run.steps
+        step = start_step
+        exit_code = 0
+        bar = tqdm(total=steps, initial=start_step, disable=not cfg.run.progress,
+                   unit="step", dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+        stack.callback(bar.close)
+        try:
+            if cfg.eval.at_start and start_step == 0:
+                run_eval(0)
+            while step < steps and not stopper.requested:
+                t0 = time.perf_counter()
+                # 1-2. Rollout + reward: made (and scored by the env) in the worker process.
+                with stopper.interruptible():
+                    batch = source.next_batch(timeout_s=cfg.rollout.batch_timeout_s)
+                wait_s = time.perf_counter() - t0
+                metrics = batch_metrics(batch, learner.version)
+                # 3. Advantage: group-normalised outcome reward.
+                rewards = np.stack([g.rewards for g in batch.groups])  # [groups, G]
+                advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.normalize_std)
+                # 4-5. Loss and optimiser steps (several mini-batches per rollout batch).
+                metrics.update(learner.update(batch, list(advantages)))
+                # Publish the new policy to the engine (the rollout side may run ahead).
+                t1 = time.perf_counter()
+                source.publish(learner.hf_state_dict(), learner.version)
+                step += 1
+                metrics.update({"perf/wait_s": wait_s, "perf/publish_s": time.perf_counter() - t1,
+                                "perf/step_s": time.perf_counter() - t0})  # fmt: skip
+                # 6. Log.
+                log.write("train", step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:+.2f}",
+                                acc=f"{metrics['reward/accuracy']:.2f}",
+                                len=f"{metrics['rollout/response_len_mean']:.0f}",
+                                stale=f"{metrics['rollout/staleness_mean']:.1f}")  # fmt: skip
+                bar.update(1)
+                tqdm.write(summary_line(step, steps, metrics))
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
+                    run_eval(step)
+                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                    checkpoint(step)
+            if not stopper.requested:
+                run_eval(step)
+        except KeyboardInterrupt:
+            stopper.requested = stopper.requested or "SIGINT"
+        if stopper.requested:
+            tqdm.write(f"[fipo] {stopper.requested}: saving a checkpoint at step {step} and "
+                       "stopping the workers and the reward server")  # fmt: skip
+            exit_code = 0 if stopper.requested == "SIGTERM" else 130
+        # Ignore further signals while saving and shutting down (a second Ctrl-C would
+        # otherwise leave a half-written checkpoint or orphaned workers).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if step > start_step or not (run_dir / "checkpoints").exists():
+            checkpoint(step)
+        write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
+        if not stopper.requested:
+            final = run_dir / "final_model"
+            learner.model.save_pretrained(final, state_dict=learner.hf_state_dict())
+            tokenizer.save_pretrained(final)
+        bar.close()
+    print(f"[fipo] done: {step} steps; run folder {run_dir}", flush=True)
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``fipo-train``); returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        parsed = parse_args(args)
+        return train(parsed.config, parsed.resume)
+    except ConfigError as exc:
+        print(f"fipo-train: config error: {exc}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # model dir, resume folder
+        print(f"fipo-train: {exc}", file=sys.stderr)
+        return 2
+    except RewardServerError as exc:
+        print(f"fipo-train: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
