@@ -137,6 +137,8 @@ class RolloutConfig:
     """Comma-separated CPU ids the learner process is pinned to (empty: no pinning)."""
     reward_address: str = ""
     """``host:port`` of a running reward server; empty starts one as a subprocess."""
+    reward_connect_timeout_s: float = 60.0
+    """How long to retry (with back-off) reaching the reward server before a clear error."""
     reward_workers: int = 1
     """math-verify worker processes of the reward server started by the trainer."""
     batch_timeout_s: float = 1800.0
@@ -206,6 +208,13 @@ class RolloutConfig:
                 self.reward_address,
             )
         _check(self.reward_workers >= 1, s, "reward_workers", "must be >= 1", self.reward_workers)
+        _check(
+            self.reward_connect_timeout_s > 0,
+            s,
+            "reward_connect_timeout_s",
+            "must be > 0",
+            self.reward_connect_timeout_s,
+        )
         _check(self.batch_timeout_s > 0, s, "batch_timeout_s", "must be > 0", self.batch_timeout_s)
 
 

@@ -129,19 +129,21 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             proc.wait(5)
 
 
-def wait_reward_server(address: str, attempts: int = 8, first_delay_s: float = 0.5) -> None:
+def wait_reward_server(address: str, timeout_s: float = 60.0) -> None:
     """Check that ``address`` serves (gRPC health SERVING), retrying with back-off.
 
     Raises:
-        RewardServerError: Still unreachable after ``attempts`` tries; says how to fix it.
+        RewardServerError: Still unreachable after ``timeout_s``; says how to fix it.
     """
     from server.client import RewardClient
 
-    delay, last = first_delay_s, ""
-    for _ in range(attempts):
+    deadline = time.monotonic() + timeout_s
+    delay, last, attempts = 0.5, "", 0
+    while True:
+        attempts += 1
         client = RewardClient(address)
         try:
-            status = client.health(timeout_s=5.0)
+            status = client.health(timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
             if status == "SERVING":
                 return
             last = f"health status {status}"
@@ -149,12 +151,14 @@ def wait_reward_server(address: str, attempts: int = 8, first_delay_s: float = 0
             last = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:
             client.close()
+        if time.monotonic() + delay > deadline:
+            break
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
     raise RewardServerError(
-        f"reward server at {address} is unreachable after {attempts} attempts ({last}). "
-        "Start one with `python -m server --port PORT`, or leave rollout.reward_address "
-        "empty to let the trainer start its own."
+        f"reward server at {address} is unreachable after {attempts} attempts in "
+        f"{timeout_s:.0f} s ({last}). Start one with `python -m server --port PORT`, or leave "
+        "rollout.reward_address empty to let the trainer start its own."
     )
 
 
@@ -297,7 +301,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                 cfg.rollout.reward_workers, run_dir / "reward_server.log"
             )
             stack.callback(stop_process, proc)
-        wait_reward_server(address)
+        wait_reward_server(address, cfg.rollout.reward_connect_timeout_s)
 
         # Learner (and the state to resume from).
         tokenizer = load_tokenizer(model_dir)

@@ -1,0 +1,174 @@
+"""``python -m trainer.run`` end to end: smoke run, exact resume, clean shutdown, errors.
+
+The slow tests run the embedded default model with the real reward server, rollout worker
+(vLLM where installed) and learner, on a deliberately tiny configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "run.progress=false",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_response_tokens=32",
+    "rollout.dynamic_sampling=false",
+    "optim.mini_batches=2",
+    "eval.num_problems=8",
+    "eval.every=0",
+    "run.checkpoint_every=1",
+]
+
+
+def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_bad_config_fails_fast_with_the_field_named() -> None:
+    result = _run(["rollout.group_size=1"], timeout=120)
+    assert result.returncode == 2
+    assert "rollout.group_size must be >= 2" in result.stderr
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
+    result = _run([f"run.out_dir={tmp_path}", "--model", str(tmp_path / "nope")], timeout=120)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "never downloaded" in result.stderr
+
+
+def test_unreachable_reward_server_is_a_clear_error(tmp_path: Path) -> None:
+    result = _run(
+        [
+            f"run.out_dir={tmp_path}",
+            "rollout.reward_address=127.0.0.1:1",
+            "rollout.reward_connect_timeout_s=3",
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 3
+    assert "reward server at 127.0.0.1:1 is unreachable" in result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_two_steps_then_resume(tmp_path: Path) -> None:
+    result = _run([*TINY, f"run.out_dir={tmp_path}", "run.name=smoke", "run.steps=2"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "smoke"
+    train = _records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["optim/steps"] > 0 and r["optim/skipped_nonfinite"] == 0
+        assert -1.0 <= r["reward/mean"] <= 1.0
+        assert r["rollout/staleness_max"] <= 1  # the default max_staleness
+    evals = _records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(r["eval/num_problems"] == 8 for r in evals)
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert (run_dir / "plots" / "reward.png").is_file()
+    assert (run_dir / "final_model" / "config.json").is_file()
+    assert "step 2/2" in result.stdout + result.stderr
+
+    # Resume to step 3: continues from the checkpoint, not from scratch.
+    result = _run(["--resume", str(run_dir), "run.steps=3"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed at step 2 (policy version 2)" in result.stdout
+    train = _records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_leaves_no_orphans(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "out.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer.run",
+            *TINY,
+            f"run.out_dir={tmp_path}",
+            "run.name=t",
+            "run.steps=100",
+            "run.checkpoint_every=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and '"train"' in metrics.read_text():
+                break
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
+        children = _descendants(proc.pid)
+        assert children  # reward server + rollout worker (+ vLLM's processes)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "out.log").read_text()
+    assert rc == 0, out[-3000:]
+    assert "SIGTERM: saving a checkpoint" in out
+    assert (tmp_path / "t" / "checkpoints" / "latest").is_file()
+    time.sleep(2)
+    orphans = [p for p in children if _alive(p)]
+    assert not orphans, f"processes left running after SIGTERM: {orphans}"
