@@ -112,6 +112,49 @@ def test_tv4_safety_symmetric() -> None:
     assert policy_loss(*args, loose)[0].item() == pytest.approx(2.267990, abs=1e-6)
 
 
+def test_safety_rule_floor_and_only_for_negative_advantages() -> None:
+    # Symmetric weights in [0.5, 1.5], s = 3. Token 0: r = 3.32 > s and
+    # F_0 = 1.2 + 0.5 * (-3.0) = -0.3, so exp(F_0) = 0.740818 lies inside the clip range.
+    cfg = LossConfig.fipo(
+        **{**SPEC, "influence_clip": 0.5}, clip_high_only=False, safety_threshold=3.0
+    )
+    neg = spec_losses([1.2, -3.0], -1.0, cfg)
+    close(neg.future_kl, [-0.3, -3.0])
+    close(neg.weights, [0.8, 0.5])  # A < 0, r_0 > s: raised to the safety floor; r_1 < s
+    pos = spec_losses([1.2, -3.0], +1.0, cfg)
+    close(pos.weights, [math.exp(-0.3), 0.5])  # A > 0: the rule does not apply
+    # TV4's inputs with A = +1: token 1 keeps its weight of 1.2.
+    tv4 = LossConfig.fipo(**SPEC, clip_high_only=False, safety_threshold=3.0)
+    close(spec_losses([0.0, 1.2, 0.3], +1.0, tv4).weights, [1.2, 1.2, 1.2])
+
+
+def test_sequence_drop_needs_negative_advantage_and_two_response_tokens() -> None:
+    cfg = LossConfig.fipo(**SPEC)
+    assert not spec_losses([2.5, 0.0, 2.4], +1.0, cfg).dropped.any()  # TV3b with A > 0
+    # A masked token beyond c does not count: only one response token is.
+    logp = t64([2.5, 2.6, 0.0])
+    mask = torch.tensor([[True, False, True]])
+    terms = token_losses(logp, torch.zeros_like(logp), t64([-1.0])[0], mask, cfg)
+    assert not terms.dropped.any()
+
+
+def test_log_ratio_is_clamped_to_20() -> None:
+    # GRPO has no dual clip, so with A < 0 the loss is the ratio itself: exp(20), not
+    # exp(25); the clamp also stops the gradient of that token.
+    logp = t64([25.0, 0.0]).requires_grad_()
+    args = (torch.zeros_like(logp), t64([-1.0])[0], ones(2))
+    terms = token_losses(logp, *args, LossConfig.grpo())
+    assert terms.log_ratio[0, 0].item() == 20.0
+    assert terms.losses[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-12)
+    (grad,) = torch.autograd.grad(terms.losses.sum(), logp)
+    assert grad[0, 0].item() == 0.0 and grad[0, 1].item() != 0.0
+    assert policy_loss(logp, *args, LossConfig.grpo())[1]["loss/log_ratio_clamped_frac"] == 0.5
+    # Future-KL sums the clamped value: -20 (not -30) eight tokens on, at tau = 1.
+    far = spec_losses([0.0] * 8 + [-30.0], 1.0, LossConfig.fipo(**SPEC, clip_high_only=False))
+    assert far.future_kl[0, 0].item() == pytest.approx(-20.0 / 256, abs=1e-9)
+    assert far.weights[0, 0].item() == pytest.approx(math.exp(-20.0 / 256), abs=1e-9)
+
+
 def test_tv5_zero_shift_is_dapo() -> None:
     logp = torch.randn(3, 7, dtype=torch.float64)
     adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
