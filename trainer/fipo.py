@@ -10,7 +10,8 @@ One code path serves three algorithms; a frozen ``LossConfig`` picks the variant
 
 - ``fipo``: the official recipe (Future-KL on, clip-high-only weights, safety, dual clip,
   sequence drop, token-mean).
-- ``dapo``: the same loss with Future-KL (and so safety and sequence drop) off.
+- ``dapo``: the same loss with Future-KL, safety and sequence drop off (the drop rule does
+  not depend on Future-KL, so ``decay_rate=None`` alone still drops sequences).
 - ``grpo``: symmetric PPO clip, no dual clip, per-sequence mean then mean over sequences.
 
 Use ``loss_config("fipo", decay_rate=16.0)`` to start from a preset by name.
@@ -103,7 +104,8 @@ class LossConfig:
             Future-KL participation filter (tokens with ratio > c add nothing to F) and the
             threshold of the sequence-drop rule, as in the official code.
         decay_rate: Future-KL half-life ``tau`` in tokens (gamma = 2^(-1/tau)); None turns
-            Future-KL off, which makes the loss DAPO's.
+            Future-KL off (f = 1). With ``drop_sequences=False`` too (the ``dapo`` preset)
+            the loss is DAPO's.
         influence_clip: ``eps_f``: influence weights are clipped to ``[1, 1 + eps_f]``
             (clip_high_only) or ``[1 - eps_f, 1 + eps_f]``.
         clip_high_only: Whether influence weights may only raise a token's advantage.
@@ -111,6 +113,7 @@ class LossConfig:
             weight is clipped to [0.8, 1.0]; None disables. Only acts with Future-KL on.
         drop_sequences: Drop a response from the loss when more than one of its tokens has
             negative advantage and ratio > ``dual_clip`` (official FIPO; needs dual_clip).
+            Acts whether or not Future-KL is on.
         aggregation: How token losses are reduced, a key of ``AGGREGATIONS``:
             ``token_mean`` (DAPO/FIPO), ``seq_mean_token_mean`` (GRPO) or
             ``seq_mean_token_sum_norm`` (Dr. GRPO).
@@ -276,7 +279,11 @@ def future_kl(
     ``x = mask * log_ratio``, leaving out tokens whose ratio ``exp(log_ratio)`` exceeds
     ``ratio_cap`` (the dual-clip constant c; spec step 2). Masked positions add nothing but
     still count as distance. Values at masked positions are never read, so padding may hold
-    anything (``-inf``, NaN). The result is detached: it only feeds detached weights.
+    anything (``-inf``, NaN). A non-finite value at an unmasked, unfiltered position may make F
+    non-finite after it too, up to the whole row (the matmul scan multiplies it by zeros),
+    not only at and before it; ``policy_loss`` clamps log-ratios first, so it only ever
+    passes NaN here, and then its loss is NaN anyway. The result is detached: it only feeds
+    detached weights.
 
     Computed in O(B*T) memory and O(B*T*64) work by a blocked scan made of matmuls, always
     accumulated in float64 (exact to float32 rounding for any T; bf16/fp16 inputs never set
