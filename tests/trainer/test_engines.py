@@ -6,7 +6,6 @@ live in a child process) is tested in ``test_engines_vllm.py``.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 # live next to this file.
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engines_support import (  # noqa: E402
+    check_well_formed,
     make_tiny_model,
     perturb_,
     teacher_forced_logprobs,
@@ -53,25 +53,6 @@ def prompts():
         )
         for c in chats
     ]
-
-
-def check_well_formed(gens, n_prompts, n, max_tokens, stop_ids):
-    """Shape and content rules every engine's output must satisfy."""
-    assert len(gens) == n_prompts
-    for group in gens:
-        assert len(group) == n
-        for g in group:
-            assert len(g.token_ids) == len(g.logprobs) >= 1
-            assert len(g.token_ids) <= max_tokens
-            assert all(isinstance(t, int) for t in g.token_ids)
-            assert all(math.isfinite(lp) and lp <= 1e-6 for lp in g.logprobs)
-            if g.finish_reason == "stop":
-                assert g.token_ids[-1] in stop_ids
-                assert not any(t in stop_ids for t in g.token_ids[:-1])
-            else:
-                assert g.finish_reason == "length"
-                assert len(g.token_ids) == max_tokens
-                assert not any(t in stop_ids for t in g.token_ids)
 
 
 # ---------------------------------------------------------------- configs and inputs

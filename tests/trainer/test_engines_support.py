@@ -7,6 +7,7 @@ does not depend on the model being any good.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -85,3 +86,22 @@ def perturb_(model, scale: float = 0.02, seed: int = 0) -> None:
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def check_well_formed(gens, n_prompts, n, max_tokens, stop_ids):
+    """Shape and content rules every engine's output must satisfy."""
+    assert len(gens) == n_prompts
+    for group in gens:
+        assert len(group) == n
+        for g in group:
+            assert len(g.token_ids) == len(g.logprobs) >= 1
+            assert len(g.token_ids) <= max_tokens
+            assert all(isinstance(t, int) for t in g.token_ids)
+            assert all(math.isfinite(lp) and lp <= 1e-6 for lp in g.logprobs)
+            if g.finish_reason == "stop":
+                assert g.token_ids[-1] in stop_ids
+                assert not any(t in stop_ids for t in g.token_ids[:-1])
+            else:
+                assert g.finish_reason == "length"
+                assert len(g.token_ids) == max_tokens
+                assert not any(t in stop_ids for t in g.token_ids)

@@ -1,0 +1,210 @@
+"""The rollout worker process and ``ProcessRolloutSource`` (HF engine, tiny model).
+
+Covers what the learner relies on: batches arrive in order, every group is stamped with
+the policy version that generated it, the worker never runs more than ``max_staleness``
+versions ahead, a crashed worker is restarted from the newest weights, and ``close()``
+leaves no process behind. Nothing here depends on timing: staleness is checked through
+the versions and the worker's own report of what it is waiting for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
+from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
+
+from trainer.engines import (  # noqa: E402
+    EngineConfig,
+    ProcessRolloutSource,
+    RolloutWorkerConfig,
+    RolloutWorkerError,
+    SamplingConfig,
+)
+from trainer.engines.rollout import build_groups, keep_informative  # noqa: E402
+from trainer.types import Generation, RolloutGroup  # noqa: E402
+
+TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model_dir):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).state_dict()
+
+
+def worker_config(model_dir, **kw) -> RolloutWorkerConfig:
+    base = {
+        "engine": EngineConfig(model_dir=str(model_dir), kind="hf", dtype="float32"),
+        "group_size": 2,
+        "groups_per_batch": 2,
+        "max_prompt_tokens": 96,
+        "max_response_tokens": 6,
+        "dynamic_sampling": False,
+        "cpus": (),
+    }
+    base.update(kw)
+    return RolloutWorkerConfig(**base)
+
+
+def assert_no_orphans(source: ProcessRolloutSource, pid: int | None) -> None:
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert live_descendants() == []
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def gen(tokens, lp=-0.5, reason="stop"):
+    return Generation(tuple(tokens), tuple(lp for _ in tokens), reason)
+
+
+def test_build_groups_cuts_responses_to_what_the_env_consumed():
+    gens = [[gen([5, 6, 2]), gen([7, 8, 9, 2])], [gen([1, 2]), gen([3, 3, 3], reason="length")]]
+    groups = build_groups(
+        prompts=[[10, 11], [12]],
+        generations=gens,
+        consumed=[3, 2, 2, 3],  # the env stopped sample 1 early (its length limit)
+        rewards=[1.0, 0.0, 0.0, 0.0],
+        correct=[True, False, False, False],
+        truncated=[False, True, False, True],
+        version=7,
+        problems=["p0", "p1"],
+        answers=["a0", "a1"],
+    )
+    assert [g.policy_version for g in groups] == [7, 7]
+    assert groups[0].response_ids == ((5, 6, 2), (7, 8))
+    assert groups[0].behaviour_logp == ((-0.5,) * 3, (-0.5,) * 2)
+    assert groups[0].rewards.tolist() == [1.0, 0.0] and groups[0].truncated.tolist() == [0, 1]
+    assert groups[1].prompt_ids == (12,) and groups[1].problem == "p1"
+    with pytest.raises(RuntimeError, match="consumed"):
+        build_groups([[1]], [[gen([4])]], [2], [0.0], [False], [False], 0)
+
+
+def test_keep_informative_drops_groups_with_equal_rewards():
+    def group(rewards):
+        g = len(rewards)
+        return RolloutGroup(
+            prompt_ids=(1,),
+            response_ids=((2,),) * g,
+            behaviour_logp=((0.0,),) * g,
+            rewards=np.asarray(rewards, dtype=float),
+            correct=np.asarray(rewards) > 0,
+            truncated=np.zeros(g, dtype=bool),
+            policy_version=0,
+        )
+
+    groups = [group([1, 1]), group([0, 1]), group([0, 0]), group([1, 0])]
+    assert keep_informative(groups) == [groups[1], groups[3]]
+    assert keep_informative([]) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"group_size": 0}, "group_size"),
+        ({"max_staleness": -1}, "max_staleness"),
+        ({"reward_scheme": "ternary"}, "reward_scheme"),
+        ({"max_response_tokens": 4000}, "max_response_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"max_sampling_rounds": 0}, "max_sampling_rounds"),
+    ],
+)
+def test_worker_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        worker_config("m", **kwargs)
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def test_synchronous_source_stamps_versions_restarts_and_closes_cleanly(tiny_dir, tiny_weights):
+    """max_staleness=0: batch k is made by version k exactly; a killed worker comes back."""
+    source = ProcessRolloutSource(worker_config(tiny_dir, max_staleness=0), initial_version=3)
+    first_pid = source.worker_pid
+    try:
+        for step in range(3, 5):
+            batch = source.next_batch(timeout_s=TIMEOUT_S)
+            assert len(batch.groups) == 2 and batch.num_generated_groups == 2
+            assert [g.policy_version for g in batch.groups] == [step, step]
+            for g in batch.groups:
+                assert len(g.response_ids) == 2 and g.problem and g.answer
+                for ids, lps in zip(g.response_ids, g.behaviour_logp, strict=True):
+                    assert 1 <= len(ids) == len(lps) <= 6
+            assert batch.gen_tokens >= sum(len(r) for g in batch.groups for r in g.response_ids)
+            # Without a publish the next batch can never be made: a clear error, no hang.
+            with pytest.raises(RuntimeError, match="publish"):
+                source.next_batch(timeout_s=TIMEOUT_S)
+            source.publish(tiny_weights, version=step + 1)
+        with pytest.raises(ValueError, match="increase"):
+            source.publish(tiny_weights, version=5)
+
+        # A crash (SIGKILL, no goodbye) is noticed and the worker restarted from the
+        # newest weights; the learner just gets its next batch.
+        os.kill(first_pid, signal.SIGKILL)
+        batch = source.next_batch(timeout_s=TIMEOUT_S)
+        assert [g.policy_version for g in batch.groups] == [5, 5]
+        assert source.restarts == 1 and source.worker_pid != first_pid
+        source.publish(tiny_weights, version=6)
+        out, version = source.generate([[1, 2, 3]], 2, SamplingConfig(max_tokens=3))
+        assert version == 6 and len(out) == 1 and len(out[0]) == 2
+    finally:
+        pid = source.worker_pid
+        source.close()
+    assert_no_orphans(source, pid)
+    assert not source._files.dir.exists()  # weight and batch files are gone
+    with pytest.raises(RuntimeError, match="closed"):
+        source.next_batch()
+
+
+def test_async_source_respects_max_staleness(tiny_dir, tiny_weights):
+    """max_staleness=1: the worker makes one batch ahead, then waits for the learner."""
+    cfg = worker_config(tiny_dir, max_staleness=1, dynamic_sampling=True, max_sampling_rounds=2)
+    with ProcessRolloutSource(cfg) as source:
+        pid = source.worker_pid
+        b0 = source.next_batch(timeout_s=TIMEOUT_S)
+        b1 = source.next_batch(timeout_s=TIMEOUT_S)
+        assert b0.min_policy_version == b1.min_policy_version == 0
+        # The worker has made batches 0 and 1 and now needs version 1 for batch 2; it
+        # answers this only while it waits, so it cannot be generating batch 2.
+        state = source.worker_state(timeout_s=TIMEOUT_S)
+        assert state == {
+            "version": 0,
+            "next_batch": 2,
+            "waiting_for_version": 1,
+            "started": True,
+        }
+        for learner_version in range(1, 4):
+            source.publish(tiny_weights, version=learner_version)
+            batch = source.next_batch(timeout_s=TIMEOUT_S)
+            assert learner_version - batch.min_policy_version <= 1
+            assert batch.min_policy_version >= learner_version - 1
+        # The random tiny model solves nothing, so every group has equal rewards: dynamic
+        # sampling drops them all, stops after max_sampling_rounds and returns the last
+        # round's groups rather than an empty batch.
+        assert batch.num_generated_groups == 2 * 2
+        assert all(np.ptp(g.rewards) == 0 for g in batch.groups)
+    assert_no_orphans(source, pid)
+
+
+def test_worker_start_failure_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    source = ProcessRolloutSource(worker_config(tmp_path))
+    pid = source.worker_pid
+    with pytest.raises(RolloutWorkerError, match="could not start"):
+        source.wait_ready(timeout_s=TIMEOUT_S)
+    assert_no_orphans(source, pid)
