@@ -86,7 +86,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
             max_message_bytes=args.max_message_bytes,
         )
         pool = PoolConfig(
-            workers=args.workers or default_workers(),
+            workers=args.workers if args.workers is not None else default_workers(),
             default_deadline_s=args.deadline,
             max_deadline_s=args.max_deadline,
             slow_after_s=args.slow_after,
