@@ -48,16 +48,17 @@ def test_sigterm_finishes_in_flight_work_and_exits_0():
             c.wait_ready()
             # Polynomial comparisons that take a while, so the call is in flight at SIGTERM.
             items = [
-                item(f"\\boxed{{(x+1)^{{{40 + i}}}}}", f"(x+2)^{{{40 + i}}}", id=str(i))
-                for i in range(6)
+                item(f"\\boxed{{(x+1)^{{{60 + i}}}}}", f"(x+2)^{{{60 + i}}}", id=str(i))
+                for i in range(12)
             ]
             results: list = []
             t = threading.Thread(target=lambda: results.extend(c.score(items)))
             t.start()
-            time.sleep(1.0)
+            time.sleep(0.3)
+            assert t.is_alive(), "the call finished before SIGTERM; the test needs slower items"
             proc.send_signal(signal.SIGTERM)
             t.join(timeout=120)
-            assert [r.id for r in results] == [str(i) for i in range(6)]
+            assert [r.id for r in results] == [str(i) for i in range(12)]
             assert all(r.status in (Status.WRONG, Status.TIMEOUT) for r in results)
         assert proc.wait(timeout=60) == 0
         with RewardClient(f"127.0.0.1:{port}", max_retries=0, timeout_s=3) as c2:
