@@ -147,6 +147,9 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
     ) -> tuple[ObsType, dict[str, Any]]:
         """Draw a problem (or take ``options["problem"]``) and return the prompt tokens."""
         super().reset(seed=seed)
+        unknown = sorted(set(options or {}) - {"problem"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; the only option is 'problem'")
         given = (options or {}).get("problem")
         if given is not None and not isinstance(given, Problem):
             raise TypeError(f"options['problem'] must be a fipo_env.tasks.Problem, got {given!r}")

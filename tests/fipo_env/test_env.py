@@ -231,6 +231,8 @@ def test_config_and_prompt_limits_are_validated(tiny_tokenizer, local_verifier):
         env.reset(seed=0)
     with pytest.raises(ValueError, match="more than max_prompt_tokens=8"):
         env.reset(options={"problem": Problem("What is 1 + 1?", ("2",), "k")})
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"problems": []})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MathReasoningEnv(tokenizer="/nonexistent/tok", verifier=local_verifier)
     with pytest.raises(ValueError, match="neither 'local' nor an address"):
