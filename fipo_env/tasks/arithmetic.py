@@ -192,7 +192,9 @@ class ArithmeticTask:
         for _ in range(self.max_attempts):
             level = self.levels[int(rng.integers(len(self.levels)))]
             text, answer, key, is_expr = _LEVELS[level](rng)
-            canonical = f"L{level}:{key}"
+            # The key is the expression, not the level: "3 + 5" drawn at level 0 or level 1
+            # is one problem and must land in one split.
+            canonical = f"arith:{key}"
             if is_expr:
                 phrase = _PHRASES[int(rng.integers(len(_PHRASES)))] if self.phrased else _PHRASES[0]
                 text = phrase.format(e=text)

@@ -60,7 +60,7 @@ def test_level0_is_one_digit_addition_and_covers_all_pairs():
     task = ArithmeticTask(0, split="all")
     rng = np.random.default_rng(0)
     seen = {task.sample(rng).canonical for _ in range(3000)}
-    assert seen == {f"L0:{a}+{b}" for a in range(10) for b in range(10)}
+    assert seen == {f"arith:{a}+{b}" for a in range(10) for b in range(10)}
 
 
 def test_fraction_golds_are_reduced_latex():
@@ -85,9 +85,22 @@ def test_train_and_eval_never_overlap():
         for p in sample_problems(ArithmeticTask(0, split="eval", eval_fraction=0.2), 10, 0)
     }
     assert (
-        5 <= sum(split_of(f"L0:{a}+{b}", 0.2) == "eval" for a in range(10) for b in range(10)) <= 40
+        5
+        <= sum(split_of(f"arith:{a}+{b}", 0.2) == "eval" for a in range(10) for b in range(10))
+        <= 40
     )
-    assert ev0 <= {f"L0:{a}+{b}" for a in range(10) for b in range(10)}
+    assert ev0 <= {f"arith:{a}+{b}" for a in range(10) for b in range(10)}
+
+
+def test_same_expression_at_two_levels_is_one_problem_in_one_split():
+    for split in ("train", "eval"):
+        task = ArithmeticTask((0, 1), split=split, eval_fraction=0.5)
+        probs = sample_problems(task, 100, seed=3)
+        assert all(split_of(p.canonical, 0.5) == split for p in probs)
+    # Level 1's additions are level 0's problems: same canonical key, hence same split.
+    l0 = {p.canonical for p in sample_problems(ArithmeticTask(0, split="all"), 100, 0)}
+    l1 = {p.canonical for p in sample_problems(ArithmeticTask(1, split="all"), 300, 0)}
+    assert l0 < l1 and len(l0 | l1) == 300
 
 
 def test_empty_split_and_too_few_problems_are_clear_errors():
