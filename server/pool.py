@@ -376,6 +376,11 @@ class WorkerPool:
                 self._slots.remove(slot)
                 if not slot.slow:
                     self._normal -= 1
+                # A slot that died (it could not fork a worker) is replaced, so the pool never
+                # silently shrinks to nothing while items wait; the new slot retries with back-off.
+                if not self._closing and self._normal < self.config.workers:
+                    self._count("respawn_slot")
+                    self._add_slot(None)
             self._cond.notify_all()
 
     def _count(self, event: str) -> None:

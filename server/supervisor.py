@@ -140,8 +140,18 @@ class Slot:
                 except RuntimeError as e:
                     pool._finish(task, Verdict(Status.INTERNAL, message=str(e)))
                     continue
-                if self._score(task):
-                    break
+                try:
+                    if self._score(task):
+                        break
+                except Exception as e:  # a supervisor bug must not lose the item
+                    log.exception("supervisor error while scoring an item")
+                    if self.worker is not None:
+                        self.worker.kill()
+                        self.worker = None
+                    if not task.future.done():
+                        pool._finish(
+                            task, Verdict(Status.INTERNAL, message=f"supervisor error: {e!r}")
+                        )
                 # Replace a worker lost on that item now, not when the next item arrives, so
                 # health reports SERVING again as soon as possible.
                 self._ensure_worker()
