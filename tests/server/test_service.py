@@ -259,3 +259,17 @@ def test_kill_9_worker_mid_batch_then_serving_again(small):
         assert all(r.status in (pb.STATUS_OK, pb.STATUS_WRONG) for r in results)
         assert [r.correct for r in results] == [i in (0, 1) for i in range(8)]
         assert _wait_for(lambda: c.health() == "SERVING" and srv.pool.live_workers() == 1)
+
+
+def test_rpc_deadline_caps_item_work(small):
+    """Items of a timed-out RPC stop costing workers: queued ones are dropped, the running
+    one is cut at the RPC deadline (without that: 8 x 30 s of work)."""
+    srv, address = small
+    slow = [item("\\boxed{7^{7^{8}}}", "1", id=f"d{i}", deadline_s=30.0) for i in range(8)]
+    with RewardClient(address, max_retries=0) as c:
+        with pytest.raises(RewardError) as e:
+            c.score(slow, timeout_s=1.0)
+        assert e.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _wait_for(lambda: srv.pool.queue_depth() == 0, timeout=60)
+        (r,) = c.score([item("\\boxed{1}", "1", id="next")])
+        assert r.status is Status.OK
