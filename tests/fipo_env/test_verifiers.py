@@ -95,11 +95,14 @@ def test_vector_env_rewards_equal_through_either_verifier(
             overlong_buffer=16,
         )
         _, infos = venv.reset(seed=21)
+        filler = tiny_tokenizer(" a", add_special_tokens=False)["input_ids"][0]
         rows = []
         for i in range(n):
             gold = int(infos["gold"][i])
-            text = f"\\boxed{{{gold + (i % 2)}}}" + " ok" * (i % 4) * 2
-            rows.append(tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+            boxed = tiny_tokenizer(f"\\boxed{{{gold + (i % 2)}}}", add_special_tokens=False)
+            # 0 / 8 / 16 / 24 filler tokens: i % 4 == 2 ends at 20-24 tokens, inside the
+            # overlong buffer (16..32), so its reward lies strictly between 0 and 1.
+            rows.append(boxed["input_ids"] + [filler] * ((i % 4) * 8) + [eos])
         _, rewards, term, trunc, infos = venv.step_tokens(rows)
         outs.append((rewards, term, list(infos["final_info"]["status"])))
         venv.close()  # closes the gRPC client it created; the shared local pool stays
