@@ -273,3 +273,23 @@ def test_rpc_deadline_caps_item_work(small):
         assert _wait_for(lambda: srv.pool.queue_depth() == 0, timeout=60)
         (r,) = c.score([item("\\boxed{1}", "1", id="next")])
         assert r.status is Status.OK
+
+
+def test_stream_reports_bad_items_without_breaking(server):
+    good = pb.ScoreItem(id="good", response="\\boxed{1}", golds=["1"]).SerializeToString()
+    bad = (
+        pb.ScoreItem(id="bad", response="XX", golds=["1"])
+        .SerializeToString()
+        .replace(b"XX", b"\xc3\x28")
+    )
+    tower = pb.ScoreItem(id="tower", response="\\boxed{9^{9^{9^{9}}}}", golds=["1"])
+    with grpc.insecure_channel(server[1]) as ch:
+        call = ch.stream_stream(
+            "/fipo.v1.RewardService/ScoreStream",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ScoreResult.FromString,
+        )
+        got = {r.id: r for r in call(iter([good, bad, tower.SerializeToString()]), timeout=60)}
+    assert got["good"].status == pb.STATUS_OK
+    assert got["bad"].status == pb.STATUS_INVALID and "UTF-8" in got["bad"].message
+    assert got["tower"].status == pb.STATUS_INPUT_TOO_LARGE
