@@ -205,6 +205,11 @@ class MathReasoningVectorEnv(VectorEnv):
             ``(obs, rewards, terminated, truncated, infos)``; ``infos["tokens_consumed"]``
             (``[num_envs]``) says how many tokens each sub-env used.
         """
+        if isinstance(token_ids, np.ndarray) and token_ids.ndim == 2:
+            arr, lens = self._padded(token_ids, lengths)
+            reset_now = self._before_step(wants_tokens=lens > 0)
+            consumed, stopped = self._append_padded(arr, lens, ~reset_now & ~self._ended)
+            return self._after_step(~reset_now, stopped, consumed, reset_now)
         rows = self._rows(token_ids, lengths)
         wants = np.fromiter((r.size > 0 for r in rows), dtype=bool, count=self.num_envs)
         reset_now = self._before_step(wants_tokens=wants)
@@ -246,19 +251,52 @@ class MathReasoningVectorEnv(VectorEnv):
         self._group_next = [0] * len(self._group_cache)
         self._episode_idx[:] = 0
 
+    def _padded(self, token_ids: np.ndarray, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a 2-D ``step_tokens`` input; returns ``(tokens [N, T], lengths [N])``."""
+        if token_ids.shape[0] != self.num_envs:
+            raise ValueError(f"token_ids has {token_ids.shape[0]} rows, expected {self.num_envs}")
+        if not np.issubdtype(token_ids.dtype, np.integer):
+            raise ValueError(f"token_ids must hold ints, got dtype {token_ids.dtype}")
+        t = token_ids.shape[1]
+        lens = np.full(self.num_envs, t) if lengths is None else np.asarray(lengths)
+        if (
+            lens.shape != (self.num_envs,)
+            or not np.issubdtype(lens.dtype, np.integer)
+            or (lens < 0).any()
+            or (lens > t).any()
+        ):
+            raise ValueError(f"lengths must be {self.num_envs} ints in [0, {t}]")
+        common.as_token_array(token_ids[np.arange(t)[None, :] < lens[:, None]], self.vocab_size)
+        return token_ids, lens.astype(np.int64)
+
+    def _append_padded(
+        self, arr: np.ndarray, lens: np.ndarray, active: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised append of a padded batch; returns ``(consumed [N], stopped [N])``.
+
+        The same rule as the per-row loop (up to the first stop token or the length limit),
+        in a fixed number of numpy operations whatever ``num_envs`` is.
+        """
+        n_envs, t = arr.shape
+        if t == 0:
+            return np.zeros(n_envs, dtype=np.int64), np.zeros(n_envs, dtype=bool)
+        start = self._response_len.astype(np.int64)
+        avail = np.where(active, np.minimum(lens, self.config.max_response_tokens - start), 0)
+        pos = np.arange(t)
+        in_window = pos[None, :] < avail[:, None]
+        if self._stop_arr.size == 1:
+            is_stop = (arr == self._stop_arr[0]) & in_window
+        else:
+            is_stop = np.isin(arr, self._stop_arr) & in_window
+        stopped = is_stop.any(axis=1)
+        consumed = np.where(stopped, is_stop.argmax(axis=1) + 1, avail)
+        rows, cols = np.nonzero(pos[None, :] < consumed[:, None])
+        self._response[rows, start[rows] + cols] = arr[rows, cols]
+        self._response_len += consumed.astype(common.TOKEN_DTYPE)
+        return consumed, stopped
+
     def _rows(self, token_ids: Any, lengths: Any) -> list[np.ndarray]:
-        """Normalise ``step_tokens`` input to ``num_envs`` validated 1-D arrays."""
-        if isinstance(token_ids, np.ndarray) and token_ids.ndim == 2:
-            if token_ids.shape[0] != self.num_envs:
-                raise ValueError(
-                    f"token_ids has {token_ids.shape[0]} rows, expected {self.num_envs}"
-                )
-            t = token_ids.shape[1]
-            lens = np.full(self.num_envs, t) if lengths is None else np.asarray(lengths)
-            if lens.shape != (self.num_envs,) or (lens < 0).any() or (lens > t).any():
-                raise ValueError(f"lengths must be {self.num_envs} ints in [0, {t}]")
-            common.as_token_array(token_ids[np.arange(t)[None, :] < lens[:, None]], self.vocab_size)
-            return [token_ids[i, : lens[i]] for i in range(self.num_envs)]
+        """Normalise a list-of-sequences ``step_tokens`` input to validated 1-D arrays."""
         if lengths is not None:
             raise ValueError("lengths is only for a 2-D token_ids array")
         if len(token_ids) != self.num_envs:

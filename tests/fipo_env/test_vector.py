@@ -217,3 +217,37 @@ def test_verifier_failure_is_a_clear_error_and_needs_reset(tiny_tokenizer, local
         env.step(eos)
     with pytest.raises(ResetNeeded):
         env.step(5)
+
+
+@pytest.mark.parametrize("mode", ["SameStep", "NextStep"])
+def test_padded_array_and_list_inputs_give_identical_steps(tiny_tokenizer, local_verifier, mode):
+    n = 5
+    eos = tiny_tokenizer.eos_token_id
+    a = make_vec(tiny_tokenizer, local_verifier, n=n, autoreset_mode=mode, max_response_tokens=12)
+    b = make_vec(tiny_tokenizer, local_verifier, n=n, autoreset_mode=mode, max_response_tokens=12)
+    a.reset(seed=8)
+    b.reset(seed=8)
+    rng = np.random.default_rng(1)
+    n_ended = 0
+    for _ in range(15):
+        t = int(rng.integers(0, 7))
+        toks = rng.integers(0, len(tiny_tokenizer), size=(n, t))
+        toks[rng.random((n, t)) < 0.1] = eos
+        lens = rng.integers(0, t + 1, size=n)
+        out_a = a.step_tokens(toks, lengths=lens)  # vectorised padded path
+        out_b = b.step_tokens([toks[i, : lens[i]].tolist() for i in range(n)])  # per-row path
+        for key in out_a[0]:
+            assert np.array_equal(out_a[0][key], out_b[0][key]), key
+        for x, y in zip(out_a[1:4], out_b[1:4], strict=True):
+            assert np.array_equal(x, y)
+        assert np.array_equal(out_a[4]["tokens_consumed"], out_b[4]["tokens_consumed"])
+        assert sorted(out_a[4]) == sorted(out_b[4])
+        ends = out_a[4].get("final_info", out_a[4])
+        ends_b = out_b[4].get("final_info", out_b[4])
+        for key in ("status", "response"):
+            if key in ends:
+                assert list(ends[key]) == list(ends_b[key])
+                n_ended += int(ends[f"_{key}"].sum())
+        if "problem" in out_a[4]:
+            assert list(out_a[4]["problem"]) == list(out_b[4]["problem"])
+    assert n_ended > 4
