@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.config import Limits
 from server.guards import check_item, check_text
@@ -69,3 +71,16 @@ def test_item_fields():
     assert big is not None and big[0] is Status.INPUT_TOO_LARGE and "limit" in big[1]
     big_gold = check_item(ScoreItem("a", "x", ("1" * (L.max_gold_chars + 1),)), L)
     assert big_gold is not None and big_gold[0] is Status.INPUT_TOO_LARGE
+
+
+# Any text at all gets an answer from the guards, never an exception.
+_MATHY = st.text(
+    alphabet=st.sampled_from(list("0123456789^{}()[]!*+-x \\boxedfrac$")), max_size=400
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), _MATHY))
+def test_guards_never_raise(text):
+    rej = check_text(text, L)
+    assert rej is None or (rej[0] in (Status.INVALID, Status.INPUT_TOO_LARGE) and rej[1])
