@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.types import AnswerFormat, RewardScheme, Status
 
@@ -95,3 +97,21 @@ def test_extracted_strings(pool):
     (r,) = pool.score([item("work... \\boxed{\\frac{1}{2}}", "0.5")])
     assert r.extracted_prediction == "\\frac{1}{2}"
     assert r.extracted_gold == "0.5"
+
+
+# Arbitrary text through real workers: every item comes back, in order, with a status.
+_TEXT = st.text(
+    alphabet=st.sampled_from(list("0123456789^{}()[]!/*+-=.,xye \\boxedfracsqrt$")), max_size=120
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=6))
+def test_any_text_gets_a_result(pool, pairs):
+    items = [item(r, g or "1", id=str(i), deadline_s=3.0) for i, (r, g) in enumerate(pairs)]
+    results = pool.score(items)
+    assert [r.id for r in results] == [it.id for it in items]
+    assert all(isinstance(r.status, Status) for r in results)
+    assert all(r.correct is (r.status is Status.OK) for r in results)
