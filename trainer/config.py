@@ -52,9 +52,10 @@ class ModelConfig:
     """Recompute activations in backward (needed for long responses on GPU)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk of the log-softmax; bounds the [chunk, vocab] logits held at once."""
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: int = 2048
     """Upper bound on padded tokens per learner forward; a mini-batch is split into
-    micro-batches (gradient accumulation) to respect it."""
+    micro-batches (gradient accumulation) to respect it. Activation memory grows with it
+    (~0.6 GiB per 1k tokens for the 135M default under autocast)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -129,8 +130,9 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal and keep sampling to fill the batch."""
     max_sampling_rounds: int = 3
     """Bound on generation rounds used to fill one batch under dynamic sampling."""
-    gpu_memory_utilization: float = 0.3
-    """vLLM memory fraction (on CPU: of the NUMA node; the 0.92 default fails when shared)."""
+    gpu_memory_utilization: float = 0.15
+    """vLLM memory fraction for weights + KV cache (on CPU: of the NUMA node, ~11 GiB
+    here; vLLM's 0.92 default fails when anything else runs)."""
     worker_cpus: str = ""
     """Comma-separated CPU ids the rollout worker is pinned to (empty: no pinning)."""
     learner_cpus: str = ""
@@ -284,7 +286,7 @@ class OptimConfig:
 
     SECTION: ClassVar[str] = "optim"
 
-    lr: float = 1e-5
+    lr: float = 2e-5
     """Peak learning rate."""
     warmup_steps: int = 2
     """Linear warm-up, in optimiser steps, then constant."""
@@ -322,7 +324,7 @@ class EvalConfig:
 
     num_problems: int = 200
     """Held-out problems, disjoint from training problems."""
-    every: int = 10
+    every: int = 4
     """Evaluate every N training steps (0: only before and after training)."""
     max_response_tokens: int = 0
     """Response-length limit for eval; 0 uses ``rollout.max_response_tokens``."""
@@ -348,7 +350,7 @@ class RunConfig:
 
     SECTION: ClassVar[str] = "run"
 
-    steps: int = 30
+    steps: int = 12
     """Training steps (one rollout batch each)."""
     out_dir: str = "runs"
     """Parent folder of run folders."""
@@ -356,7 +358,7 @@ class RunConfig:
     """Run folder name; empty uses a timestamp."""
     seed: int = 0
     """Seed of torch / numpy / python RNGs and of the rollout sampler."""
-    checkpoint_every: int = 10
+    checkpoint_every: int = 4
     """Checkpoint every N steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (older ones are deleted)."""

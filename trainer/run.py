@@ -60,6 +60,7 @@ class _Stopper:
 
     def __init__(self) -> None:
         self.requested: str = ""
+        self.forced = False  # a second signal: stop now, without a final checkpoint
         self._waiting = False
 
     def install(self) -> None:
@@ -67,6 +68,9 @@ class _Stopper:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and not self._waiting:
+            self.forced = True  # asked twice during an update: abort it
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         if self._waiting:
             raise KeyboardInterrupt
@@ -404,13 +408,17 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
             stopper.requested = stopper.requested or "SIGINT"
         if stopper.requested:
             tqdm.write(f"[fipo] {stopper.requested}: saving a checkpoint at step {step} and "
-                       "stopping the workers and the reward server")  # fmt: skip
+                       "stopping the workers and the reward server (a second signal aborts "
+                       "a running update)")  # fmt: skip
             exit_code = 0 if stopper.requested == "SIGTERM" else 130
         # Ignore further signals while saving and shutting down (a second Ctrl-C would
         # otherwise leave a half-written checkpoint or orphaned workers).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if step > start_step or not (run_dir / "checkpoints").exists():
+        if stopper.forced:
+            tqdm.write("[fipo] second signal: the update in progress was abandoned; the last "
+                       "periodic checkpoint is the one to resume from")  # fmt: skip
+        elif step > start_step or not (run_dir / "checkpoints").exists():
             checkpoint(step)
         write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
         if not stopper.requested:
@@ -440,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RewardServerError as exc:
         print(f"fipo-train: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a signal during set-up, before there is anything to save
+        print("fipo-train: interrupted during set-up; nothing to checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
