@@ -9,8 +9,8 @@ One run measures, on the same machine and worker count:
 2. the gRPC server (a ``python -m server`` subprocess; the client is this process) with
    no caching (gold and result caches off);
 3. the server with gold caching (G = ``--group`` responses share each gold);
-4. p50/p99 latency at half load (open loop, items streamed at 50 % of the measured
-   throughput) for the server and the baseline;
+4. latency one item at a time (the fixed cost of each path), then p50/p99 at half load
+   (open loop, items streamed at 50 % of the measured throughput), server and baseline;
 5. 5 % hostile items mixed in: throughput drop vs (3), and every item's latency vs its
    deadline + 250 ms (open loop at half load).
 
@@ -374,6 +374,20 @@ def main() -> int:
                 f"({c0 / c2:.2f}x) -- the load-independent view on a shared machine"
             )
 
+            # One item at a time (no queueing): the fixed cost of the path itself.
+            one_b, one_s = [], []
+            for it in sets[args.rounds][:80]:
+                t = time.perf_counter()
+                ex.submit(baseline_verify, it.golds[0], it.response).result()
+                one_b.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                cb.score([ScoreItem(it.id + "-1", it.response, it.golds)])
+                one_s.append(time.perf_counter() - t)
+            fig.update(one_baseline_p50_ms=pct(one_b, 0.5), one_server_p50_ms=pct(one_s, 0.5))
+            print(
+                f"one item at a time (80 items): baseline p50 {pct(one_b, 0.5):.1f} ms p90 {pct(one_b, 0.9):.1f} ms | "
+                f"server (unary Score) p50 {pct(one_s, 0.5):.1f} ms p90 {pct(one_s, 0.9):.1f} ms"
+            )
             base_lat = open_loop_baseline(ex, sets[args.rounds], rate=base / 2)
             lat, _ = open_loop_server(cb, sets[args.rounds], rate=b / 2)
             fig.update(
