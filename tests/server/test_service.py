@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.request
 
@@ -293,3 +294,21 @@ def test_stream_reports_bad_items_without_breaking(server):
     assert got["good"].status == pb.STATUS_OK
     assert got["bad"].status == pb.STATUS_INVALID and "UTF-8" in got["bad"].message
     assert got["tower"].status == pb.STATUS_INPUT_TOO_LARGE
+
+
+def test_health_watch_sees_not_serving_when_draining():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    srv, port = create_server(ServerConfig(port=0, metrics_port=None, pool=PoolConfig(workers=1)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service="fipo.v1.RewardService"), timeout=60
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 2.0})
+            stopper.start()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stopper.join(timeout=60)
+    finally:
+        srv.stop(grace=0)
