@@ -100,6 +100,7 @@ def start_reward_server(workers: int, log_path: Path, timeout_s: float = 180.0):
     Raises:
         RewardServerError: It exited or did not report its address within ``timeout_s``.
     """
+    offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends
     log = open(log_path, "ab")  # noqa: SIM115 -- owned by the child for its lifetime
     cmd = [sys.executable, "-m", "server", "--port", "0", "--no-metrics",
            "--workers", str(workers)]  # fmt: skip
@@ -109,7 +110,7 @@ def start_reward_server(workers: int, log_path: Path, timeout_s: float = 180.0):
     deadline = time.monotonic() + timeout_s
     pattern = re.compile(r'"address":\s*"([^"]+)"')
     while time.monotonic() < deadline:
-        match = pattern.search(log_path.read_text(errors="replace"))
+        match = pattern.search(log_path.read_bytes()[offset:].decode(errors="replace"))
         if match:
             return proc, match.group(1)
         if proc.poll() is not None:
