@@ -320,6 +320,7 @@ class Learner:
 
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        extremes: dict[str, float] = {}
         skipped = 0
         for _, micros in plan:
             normaliser = self._normaliser(seqs, micros)
@@ -351,7 +352,14 @@ class Learner:
                 loss.backward()
                 for key, value in metrics.items():
                     v = float(value)
-                    if math.isfinite(v):
+                    if not math.isfinite(v):
+                        continue
+                    # Extremes stay extremes over the batch; everything else is averaged.
+                    if key.endswith("_max"):
+                        extremes[key] = max(extremes.get(key, v), v)
+                    elif key.endswith("_min"):
+                        extremes[key] = min(extremes.get(key, v), v)
+                    else:
                         sums[key] = sums.get(key, 0.0) + v
                         counts[key] = counts.get(key, 0) + 1
             grad_norm = float("nan")
@@ -372,6 +380,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         out = {k: sums[k] / counts[k] for k in sums if counts[k]}
+        out.update(extremes)
         total_tokens = sum(len(r) for r in seqs.responses)
         elapsed = time.perf_counter() - start
         out.update(
