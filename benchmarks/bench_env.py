@@ -15,7 +15,7 @@ printed beside it. Responses are realistic chain-of-thought text (distinct per e
 the verifier's result cache does not flatter the figures), ``length`` tokens each.
 
 Usage:
-    .venv/bin/python benchmarks/bench_env.py            # full run (~2-4 min on 2 cores)
+    .venv/bin/python benchmarks/bench_env.py            # full run (~6 min on 2 loaded cores)
     .venv/bin/python benchmarks/bench_env.py --no-vllm  # env figures only
     .venv/bin/python benchmarks/bench_env.py --accuracy --levels 0,1,2  # model accuracy per
                                                          # level and prompt template
