@@ -293,6 +293,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     learner_cpus = parse_cpus(cfg.rollout.learner_cpus)
     if learner_cpus:
         os.sched_setaffinity(0, learner_cpus)
+    if cfg.model.num_threads:
+        torch.set_num_threads(cfg.model.num_threads)
+    elif learner_cpus:
         torch.set_num_threads(len(learner_cpus))
     seed_everything(cfg.run.seed)
     print(f"[fipo] run folder {run_dir}  model {model_dir}  algorithm {cfg.algorithm.name}",
@@ -433,6 +436,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``fipo-train``); returns the exit code."""
+    from trainer.engines.source import RolloutWorkerError
+
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
@@ -449,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RewardServerError as exc:
         print(f"fipo-train: {exc}", file=sys.stderr)
         return 3
+    except RolloutWorkerError as exc:
+        print(f"fipo-train: {exc}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:  # a signal during set-up, before there is anything to save
         print("fipo-train: interrupted during set-up; nothing to checkpoint", file=sys.stderr)
         return 130
