@@ -167,8 +167,12 @@ def test_sigterm_checkpoints_and_leaves_no_orphans(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the test failed: still stop the run the graceful way
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.close()
     out = (tmp_path / "out.log").read_text()
     assert rc == 0, out[-3000:]
