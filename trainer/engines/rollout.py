@@ -286,6 +286,9 @@ class _Worker:
         self.venv: Any = None
         self.obs: Any = None
         self.sampling: SamplingConfig | None = None
+        # Built before "ready" so a bad task / verifier spec fails the start, clearly,
+        # instead of crashing (and restarting) the worker at its first batch.
+        self.make_env()
 
     # ---------------------------------------------------------------- control messages
 
