@@ -6,6 +6,7 @@ live in a child process) is tested in ``test_engines_vllm.py``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,20 @@ def test_weight_files_keep_only_the_newest_after_prune(tmp_path):
     assert not first.exists() and second.exists()
     files.cleanup()
     assert not files.dir.exists()
+
+
+def test_weight_files_remove_folders_of_dead_processes(tmp_path):
+    import subprocess
+
+    proc = subprocess.Popen(["true"])  # exits at once: its pid no longer exists after wait
+    proc.wait()
+    orphan = tmp_path / f"fipo-weights-{proc.pid}-abc"
+    orphan.mkdir()
+    alive = tmp_path / f"fipo-weights-{os.getppid()}-def"  # our parent is alive
+    alive.mkdir()
+    files = WeightFiles(root=tmp_path)
+    assert not orphan.exists() and alive.exists()
+    files.cleanup()
 
 
 # ---------------------------------------------------------------- HF engine

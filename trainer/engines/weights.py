@@ -93,6 +93,7 @@ class WeightFiles:
 
     def __init__(self, root: str | Path | None = None, prefix: str = "fipo-weights-") -> None:
         base = Path(root) if root is not None else default_shm_dir()
+        _remove_orphans(base, prefix)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
         self._current: Path | None = None
 
@@ -121,3 +122,21 @@ class WeightFiles:
         """Delete the folder and everything in it."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self._current = None
+
+
+def _remove_orphans(base: Path, prefix: str) -> None:
+    """Delete folders left by processes that died without cleaning up (e.g. SIGKILL).
+
+    ``/dev/shm`` is RAM: a leaked copy of the weights costs memory until reboot. A folder
+    is named ``<prefix><pid>-<random>``; it is an orphan when that pid no longer exists.
+    """
+    for folder in base.glob(f"{prefix}*-*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
