@@ -136,6 +136,22 @@ class PromptCache:
             self._cache[question] = ids
         return ids
 
+    def draw(self, task: Any, rng: np.random.Generator) -> tuple[Problem, np.ndarray]:
+        """Sample a problem from ``task`` whose prompt fits ``max_prompt_tokens``.
+
+        Redraws up to ``max_redraws`` times, then raises ``ValueError`` naming the limit.
+        """
+        limit = self._config.max_prompt_tokens
+        for _ in range(self._config.max_redraws):
+            problem = task.sample(rng)
+            ids = self(problem.question)
+            if len(ids) <= limit:
+                return problem, ids
+        raise ValueError(
+            f"{self._config.max_redraws} problems in a row from task {task.name!r} had "
+            f"prompts longer than max_prompt_tokens={limit}; raise the limit"
+        )
+
 
 def make_batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
     """A function decoding many token-id lists at once, special tokens skipped.

@@ -249,15 +249,7 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
                     f"max_prompt_tokens={limit}"
                 )
             return given, ids
-        for _ in range(self.config.max_redraws):
-            problem = self.task.sample(self.np_random)
-            ids = self._prompts(problem.question)
-            if len(ids) <= limit:
-                return problem, ids
-        raise ValueError(
-            f"{self.config.max_redraws} problems in a row from task {self.task.name!r} had "
-            f"prompts longer than max_prompt_tokens={limit}; raise the limit"
-        )
+        return self._prompts.draw(self.task, self.np_random)
 
     def _obs(self) -> ObsType:
         # Copies: an observation must not change under the caller when the env steps on.

@@ -413,25 +413,13 @@ class MathReasoningVectorEnv(VectorEnv):
         g, k = i // self.group_size, int(self._episode_idx[i])
         cache = self._group_cache[g]
         while self._group_next[g] <= k:
-            cache[self._group_next[g]] = self._draw(self._group_rngs[g])
+            cache[self._group_next[g]] = self._prompts.draw(self.task, self._group_rngs[g])
             self._group_next[g] += 1
         entry = cache[k]
         lo = int(self._episode_idx[g * self.group_size : (g + 1) * self.group_size].min())
         for old in [kk for kk in cache if kk < lo]:
             del cache[old]
         return entry
-
-    def _draw(self, rng: np.random.Generator) -> tuple[Problem, np.ndarray]:
-        limit = self.config.max_prompt_tokens
-        for _ in range(self.config.max_redraws):
-            problem = self.task.sample(rng)
-            ids = self._prompts(problem.question)
-            if len(ids) <= limit:
-                return problem, ids
-        raise ValueError(
-            f"{self.config.max_redraws} problems in a row from task {self.task.name!r} had "
-            f"prompts longer than max_prompt_tokens={limit}; raise the limit"
-        )
 
     def _views(self) -> ObsType:
         return {

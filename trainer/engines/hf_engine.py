@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fipo_env.models import resolve_model_dir
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
@@ -67,12 +68,8 @@ class HFEngine:
     """
 
     def __init__(self, cfg: EngineConfig) -> None:
-        model_dir = Path(cfg.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model directory {model_dir} has no config.json (need a local Hugging Face "
-                "model directory; nothing is downloaded)"
-            )
+        # A clear error for a missing or non-model directory; nothing is ever downloaded.
+        model_dir = resolve_model_dir(cfg.model_dir)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM
 
