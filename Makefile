@@ -34,6 +34,7 @@ run: setup
 	$(BIN)/python -m trainer.run $(ARGS)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
