@@ -9,6 +9,7 @@ the versions and the worker's own report of what it is waiting for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -208,3 +209,42 @@ def test_worker_start_failure_is_a_clear_error(tmp_path):
     with pytest.raises(RolloutWorkerError, match="could not start"):
         source.wait_ready(timeout_s=TIMEOUT_S)
     assert_no_orphans(source, pid)
+
+
+_FAKE_WORKER = """
+import os, subprocess, sys, time
+os.setpgid(0, 0)
+from trainer.engines.rollout import _die_with_parent
+_die_with_parent()
+child = subprocess.Popen(["sleep", "600"])  # like vLLM's EngineCore: unaware of our parent
+print(os.getpid(), child.pid, flush=True)
+time.sleep(600)
+"""
+
+_FAKE_LEARNER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", {worker!r}], stdout=sys.stdout)
+time.sleep(600)
+"""
+
+
+def test_killing_the_learner_takes_the_workers_children_down():
+    """kill -9 of the learner: the rollout worker and every process it started (vLLM's
+    EngineCore and workers do not watch the learner themselves) go too."""
+    import subprocess
+
+    script = _FAKE_LEARNER.format(worker=_FAKE_WORKER)
+    learner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in learner.stdout.readline().split()]
+        procs = [psutil.Process(pid) for pid in pids]
+        learner.kill()
+        learner.wait(30)
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        assert alive == [], f"orphans left after the learner died: {alive}"
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+        for pid in pids if "pids" in locals() else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

@@ -34,6 +34,7 @@ import os
 import pickle
 import queue
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -459,10 +460,33 @@ class _Worker:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans)."""
+    """Take this worker's whole process group down when its parent dies, even by SIGKILL.
+
+    ``PR_SET_PDEATHSIG`` signals only this process, and vLLM's EngineCore / worker
+    processes (and the verifier pool) are its children: killed alone, they would live on
+    as orphans. So the death signal is SIGTERM, handled by SIGKILLing our own process group,
+    and a watchdog thread does the same when the parent changes, in case the handler cannot
+    run (vLLM may install its own, or the main thread may sit in a long C call).
+    """
+    parent = os.getppid()
+
+    def kill_group(*_: Any) -> None:
+        if os.getpgrp() == os.getpid():  # never the learner's group: only one we lead
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, kill_group)
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                kill_group()
+
+    threading.Thread(target=watch, name="fipo-parent-watch", daemon=True).start()
 
 
 def worker_main(cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batches) -> None:
