@@ -69,3 +69,18 @@ def make_pki(folder: Path) -> dict[str, Path]:
         p.write_bytes(data)
         out[name] = p
     return out
+
+
+def secure_config(pki: dict[str, Path], token: str):
+    """A port-0 ``ServerConfig`` with mTLS (``pki`` from :func:`make_pki`) and a bearer token."""
+    from server.config import PoolConfig, ServerConfig
+
+    return ServerConfig(
+        port=0,
+        metrics_port=None,
+        auth_token=token,
+        tls_cert=pki["server.pem"],
+        tls_key=pki["server.key"],
+        tls_client_ca=pki["ca.pem"],
+        pool=PoolConfig(workers=1),
+    )

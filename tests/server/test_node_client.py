@@ -13,7 +13,7 @@ import pytest
 from server.config import PoolConfig, ServerConfig
 from server.service import create_server
 
-from .certs import make_pki
+from .certs import make_pki, secure_config
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
 NODE = shutil.which("node")
@@ -68,16 +68,7 @@ def test_node_client_plaintext():
 
 def test_node_client_mtls_and_token(tmp_path):
     pki = make_pki(tmp_path)
-    cfg = ServerConfig(
-        port=0,
-        metrics_port=None,
-        auth_token=TOKEN,
-        tls_cert=pki["server.pem"],
-        tls_key=pki["server.key"],
-        tls_client_ca=pki["ca.pem"],
-        pool=PoolConfig(workers=1),
-    )
-    srv, port = create_server(cfg)
+    srv, port = create_server(secure_config(pki, TOKEN))
     try:
         env = {
             "FIPO_REWARD_TOKEN": TOKEN,

@@ -6,11 +6,11 @@ import grpc
 import pytest
 
 from server.client import RewardClient, RewardError
-from server.config import PoolConfig, ServerConfig
+from server.config import ServerConfig
 from server.service import create_server
 from server.types import Status
 
-from .certs import make_pki
+from .certs import make_pki, secure_config
 from .conftest import item
 
 TOKEN = "correct-horse-battery"
@@ -23,16 +23,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secure_server(pki):
-    cfg = ServerConfig(
-        port=0,
-        metrics_port=None,
-        auth_token=TOKEN,
-        tls_cert=pki["server.pem"],
-        tls_key=pki["server.key"],
-        tls_client_ca=pki["ca.pem"],
-        pool=PoolConfig(workers=1),
-    )
-    srv, port = create_server(cfg)
+    srv, port = create_server(secure_config(pki, TOKEN))
     yield f"localhost:{port}"
     srv.stop(grace=1)
 
