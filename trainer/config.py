@@ -57,6 +57,13 @@ class ModelConfig:
     """Recompute activations in backward (needed for long responses on GPU)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk of the log-softmax; bounds the [chunk, vocab] logits held at once."""
+    share_prompt: bool = True
+    """Compute each group's prompt once per micro-batch: the micro-batch becomes one
+    packed row of ``prompt, response_1, ..., response_k`` blocks with block attention
+    (``trainer.packing``, ``trainer.segment_attention``). Same log-probs up to rounding,
+    no padding, ~40 % fewer token positions for the CPU default. Off in the GPU preset:
+    with responses of thousands of tokens the prompt is a small share, and transformers'
+    own flash/SDPA attention over padded rows is the better-tuned path there."""
     micro_batch_tokens: int = 2048
     """Upper bound on padded tokens per learner forward; a mini-batch is split into
     micro-batches (gradient accumulation) to respect it. Activation memory grows with it
@@ -451,6 +458,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "device": "cuda",
             "num_threads": 0,
             "gradient_checkpointing": True,
+            "share_prompt": False,
             "logprob_chunk_tokens": 4096,
             "micro_batch_tokens": 65536,
         },

@@ -22,7 +22,6 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,130 +29,9 @@ import numpy as np
 import torch
 
 from trainer.config import AlgorithmConfig, ConfigError, TrainConfig
-from trainer.logprobs import response_logprobs
+from trainer.logprobs import micro_batch_logprobs
+from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_batch, pack, partition
 from trainer.types import RolloutBatch
-
-
-@dataclass(frozen=True)
-class Sequences:
-    """A rollout batch flattened to one row per sample (lists: rows differ in length).
-
-    Attributes:
-        prompts: Prompt token ids per row.  # N x [P_i]
-        responses: Response token ids per row.  # N x [T_i]
-        behaviour_logp: Engine log-probs per row.  # N x [T_i]
-        advantages: Sequence advantage per row.  # [N]
-        versions: Policy version that generated each row.  # [N]
-    """
-
-    prompts: list[tuple[int, ...]]
-    responses: list[tuple[int, ...]]
-    behaviour_logp: list[tuple[float, ...]]
-    advantages: torch.Tensor
-    versions: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def flatten_batch(batch: RolloutBatch, advantages: Sequence[np.ndarray]) -> Sequences:
-    """Flatten ``batch`` with one advantage array per group into :class:`Sequences`."""
-    if len(advantages) != len(batch.groups):
-        raise ValueError(f"{len(advantages)} advantage arrays for {len(batch.groups)} groups")
-    prompts, responses, blogp, adv, versions = [], [], [], [], []
-    for group, group_adv in zip(batch.groups, advantages, strict=True):
-        if len(group_adv) != len(group.response_ids):
-            raise ValueError(
-                f"group has {len(group.response_ids)} responses but {len(group_adv)} advantages"
-            )
-        for resp, lp, a in zip(group.response_ids, group.behaviour_logp, group_adv, strict=True):
-            prompts.append(tuple(group.prompt_ids))
-            responses.append(tuple(resp))
-            blogp.append(tuple(lp))
-            adv.append(float(a))
-            versions.append(group.policy_version)
-    return Sequences(
-        prompts=prompts,
-        responses=responses,
-        behaviour_logp=blogp,
-        advantages=torch.tensor(adv, dtype=torch.float32),
-        versions=torch.tensor(versions, dtype=torch.long),
-    )
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """Padded tensors for one learner forward.
-
-    Attributes:
-        rows: Indices of these rows in the :class:`Sequences`.  # [b]
-        input_ids: Prompt + response, right-padded.  # [b, L]
-        attention_mask: 1 on real tokens.  # [b, L]
-        prompt_lens: Prompt length per row.  # [b]
-        response_mask: 1 on real response tokens.  # [b, T]
-        behaviour_logp: Engine log-probs, 0 on padding.  # [b, T]
-    """
-
-    rows: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_lens: torch.Tensor
-    response_mask: torch.Tensor
-    behaviour_logp: torch.Tensor
-
-
-def make_micro_batch(seqs: Sequences, rows: Sequence[int], pad_id: int) -> MicroBatch:
-    """Right-pad the rows ``rows`` of ``seqs`` into a :class:`MicroBatch`."""
-    lengths = [len(seqs.prompts[r]) + len(seqs.responses[r]) for r in rows]
-    T = max(1, max(len(seqs.responses[r]) for r in rows))
-    L = max(lengths)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), L), dtype=torch.long)
-    rmask = torch.zeros((len(rows), T), dtype=torch.float32)
-    blogp = torch.zeros((len(rows), T), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        p, resp = seqs.prompts[r], seqs.responses[r]
-        ids[i, : len(p) + len(resp)] = torch.tensor(p + resp, dtype=torch.long)
-        attn[i, : len(p) + len(resp)] = 1
-        rmask[i, : len(resp)] = 1.0
-        if resp:
-            blogp[i, : len(resp)] = torch.tensor(seqs.behaviour_logp[r], dtype=torch.float32)
-    return MicroBatch(
-        rows=torch.tensor(list(rows), dtype=torch.long),
-        input_ids=ids,
-        attention_mask=attn,
-        prompt_lens=torch.tensor([len(seqs.prompts[r]) for r in rows], dtype=torch.long),
-        response_mask=rmask,
-        behaviour_logp=blogp,
-    )
-
-
-def pack(seqs: Sequences, rows: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group ``rows`` (sorted by length, to keep padding low) into micro-batches of at
-    most ``max_tokens`` padded tokens each (at least one row per micro-batch)."""
-    ordered = sorted(rows, key=lambda r: len(seqs.prompts[r]) + len(seqs.responses[r]))
-    micros: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for r in ordered:
-        length = len(seqs.prompts[r]) + len(seqs.responses[r])
-        if current and max(longest, length) * (len(current) + 1) > max_tokens:
-            micros.append(current)
-            current, longest = [], 0
-        current.append(int(r))
-        longest = max(longest, length)
-    if current:
-        micros.append(current)
-    return micros
-
-
-def partition(
-    seqs: Sequences, mini_batches: int, max_tokens: int, generator: torch.Generator
-) -> list[list[list[int]]]:
-    """Shuffle rows into ``mini_batches`` mini-batches, each a list of micro-batches."""
-    order = torch.randperm(len(seqs), generator=generator).tolist()
-    minis = [chunk.tolist() for chunk in np.array_split(np.array(order), mini_batches)]
-    return [pack(seqs, mini, max_tokens) for mini in minis if mini]
 
 
 def build_loss_config(algorithm: AlgorithmConfig) -> Any:
@@ -197,11 +75,16 @@ def load_policy(model_dir: str | Path, device: torch.device, gradient_checkpoint
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch.float32, local_files_only=True
     )
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
     model.to(device)
-    model.eval()  # no dropout in RL updates; train()/eval() only toggles dropout here
+    model.eval()  # no dropout in RL updates
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        # transformers checkpoints a layer only when that layer is in training mode; flag
+        # the checkpointed layers alone, so their sub-modules keep dropout off.
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True
     return model
 
 
@@ -221,6 +104,12 @@ class Learner:
         self.pad_id = pad_id
         self.device = resolve_device(config.model.device)
         self.model = load_policy(model_dir, self.device, config.model.gradient_checkpointing)
+        # The shared-prompt layout (trainer.packing) runs on block attention.
+        self.shared_prompt = config.model.share_prompt
+        if self.shared_prompt:
+            from trainer.segment_attention import use_segment_attention
+
+            use_segment_attention(self.model)
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -246,12 +135,9 @@ class Learner:
 
     def _logprobs(self, mb: MicroBatch) -> torch.Tensor:
         with self._autocast():
-            return response_logprobs(
+            return micro_batch_logprobs(
                 self.model,
-                mb.input_ids.to(self.device),
-                mb.attention_mask.to(self.device),
-                mb.prompt_lens.to(self.device),
-                mb.response_mask.to(self.device),
+                mb,
                 chunk_tokens=self.config.model.logprob_chunk_tokens,
                 temperature=self.config.rollout.temperature,
             )
@@ -260,8 +146,9 @@ class Learner:
     def logprobs(self, seqs: Sequences) -> list[torch.Tensor]:
         """Current-policy log-probs of each response (no grad), one tensor per row."""
         out: dict[int, torch.Tensor] = {}
-        for rows in pack(seqs, range(len(seqs)), self.config.model.micro_batch_tokens):
-            lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id)).cpu()
+        shared = self.shared_prompt
+        for rows in pack(seqs, range(len(seqs)), self.config.model.micro_batch_tokens, shared):
+            lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id, shared)).cpu()
             for i, r in enumerate(rows):
                 out[r] = lp[i, : len(seqs.responses[r])]
         return [out[r] for r in range(len(seqs))]
@@ -300,20 +187,24 @@ class Learner:
         start = time.perf_counter()
         seqs = flatten_batch(batch, advantages)
         cfg = self.config
+        shared = self.shared_prompt
         plan = [
-            (epoch, micros)
-            for epoch in range(cfg.optim.epochs)
+            micros
+            for _ in range(cfg.optim.epochs)
             for micros in partition(
-                seqs, cfg.optim.mini_batches, cfg.model.micro_batch_tokens, self.generator
+                seqs, cfg.optim.mini_batches, cfg.model.micro_batch_tokens, self.generator, shared
             )
         ]
-        # old_logp on the first epoch's exact micro-batches (bitwise equal on step 1).
+        first_epoch = plan[: len(plan) // cfg.optim.epochs]
+        # old_logp, computed before any optimiser step on this batch. The first
+        # mini-batch's comes from its own training forward (logp.detach(): the step is
+        # on-policy by construction, F = 0), so only the others need a no-grad pass, on
+        # exactly the micro-batches they train on.
         old_logp: dict[int, torch.Tensor] = {}  # row -> [T_i]
         with torch.no_grad():
-            for _, micros in plan[: len(plan) // cfg.optim.epochs]:
+            for micros in first_epoch[1:]:
                 for rows in micros:
-                    mb = make_micro_batch(seqs, rows, self.pad_id)
-                    lp = self._logprobs(mb).cpu()
+                    lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id, shared)).cpu()
                     for i, r in enumerate(rows):
                         old_logp[r] = lp[i]
         old_seconds = time.perf_counter() - start
@@ -322,20 +213,27 @@ class Learner:
         counts: dict[str, int] = {}
         extremes: dict[str, float] = {}
         skipped = 0
-        for _, micros in plan:
+        tokens_seen = 0
+        for micros in plan:
             normaliser = self._normaliser(seqs, micros)
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for rows in micros:
-                mb = make_micro_batch(seqs, rows, self.pad_id)
-                T = mb.response_mask.shape[1]
-                old = torch.stack([_pad(old_logp[r], T) for r in rows]).to(self.device)
+                mb = make_micro_batch(seqs, rows, self.pad_id, shared)
+                tokens_seen += mb.padded_tokens
+                logp = self._logprobs(mb)
+                if rows[0] in old_logp:
+                    T = mb.response_mask.shape[1]
+                    old = torch.stack([_pad(old_logp[r], T) for r in rows]).to(self.device)
+                else:  # the first mini-batch: the policy the update starts from
+                    old = logp.detach()
+                    for i, r in enumerate(rows):
+                        old_logp[r] = old[i].cpu()
                 mask = mb.response_mask.to(self.device)
                 behaviour = mb.behaviour_logp.to(self.device)
                 # An engine that gave no usable log-probs gets no IS correction (metrics only).
                 if not bool(torch.isfinite(torch.where(mask > 0, behaviour, 0.0)).all()):
                     behaviour = None
-                logp = self._logprobs(mb)
                 adv = seqs.advantages[mb.rows].to(self.device)
                 loss, metrics = policy_loss(
                     logp,
@@ -391,6 +289,7 @@ class Learner:
                 "perf/learner_s": elapsed,
                 "perf/old_logp_s": old_seconds,
                 "perf/learner_tokens_per_s": total_tokens / max(elapsed, 1e-9),
+                "perf/learner_padded_tokens": float(tokens_seen),
                 "learner/sequences": float(len(seqs)),
                 "learner/response_tokens": float(total_tokens),
             }

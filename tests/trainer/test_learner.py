@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from trainer.config import build_config  # noqa: E402
-from trainer.learner import Learner, build_loss_config, flatten_batch, partition  # noqa: E402
+from trainer.learner import Learner, build_loss_config  # noqa: E402
 from trainer.types import RolloutBatch, RolloutGroup  # noqa: E402
 
 VOCAB = 64
@@ -71,13 +71,14 @@ def _advantages(batch: RolloutBatch) -> list[np.ndarray]:
     return list(group_advantages(rewards))
 
 
-def _learner(model_dir: Path, **optim) -> Learner:
+def _learner(model_dir: Path, model: dict | None = None, **optim) -> Learner:
     values = {
         "model": {
             "path": str(model_dir),
             "device": "cpu",
             "autocast_dtype": "float32",
             "micro_batch_tokens": 40,
+            **(model or {}),
         },
         "rollout": {"prompts_per_step": 3, "group_size": 4},
         "optim": {"lr": 1e-2, "warmup_steps": 0, **optim},
@@ -90,17 +91,23 @@ def _weights(learner: Learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
 
 
-def test_partition_covers_every_row_once_and_respects_the_token_budget() -> None:
-    batch = _batch(0, groups=5)
-    seqs = flatten_batch(batch, _advantages(batch))
-    plan = partition(seqs, 3, 30, torch.Generator().manual_seed(0))
-    rows = [r for mini in plan for micro in mini for r in micro]
-    assert sorted(rows) == list(range(len(seqs)))
-    assert len(plan) == 3
-    for mini in plan:
-        for micro in mini:
-            longest = max(len(seqs.prompts[r]) + len(seqs.responses[r]) for r in micro)
-            assert len(micro) == 1 or longest * len(micro) <= 30
+def test_shared_prompt_and_padded_layouts_give_the_same_loss_and_gradient(
+    tiny_model_dir: Path,
+) -> None:
+    # Compared through the loss and gradient norm: AdamW's first step is ~lr * sign(grad),
+    # so weights after it would magnify rounding-level differences of near-zero grads.
+    batch = _batch(4)
+    metrics = []
+    for shared in (False, True):
+        model = {"share_prompt": shared, "micro_batch_tokens": 10_000}  # one micro-batch
+        learner = _learner(tiny_model_dir, model, mini_batches=1)
+        assert learner.shared_prompt is shared
+        metrics.append(learner.update(batch, _advantages(batch)))
+    padded, packed = metrics
+    assert packed["learner/response_tokens"] == padded["learner/response_tokens"]
+    assert packed["perf/learner_padded_tokens"] < padded["perf/learner_padded_tokens"]
+    for key in ("loss/policy", "optim/grad_norm", "loss/token_loss_mean"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-7), key
 
 
 def test_first_step_is_on_policy_and_later_steps_move_the_policy(tiny_model_dir: Path) -> None:
