@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,10 @@ class Learner:
             self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
         )
         self.generator = torch.Generator().manual_seed(config.run.seed)
+        # Called before each micro-batch; returns the torch threads to use (run.py switches
+        # to every core while the rollout worker is idle). None: leave threads alone.
+        self.thread_policy: Callable[[], int] | None = None
+        self._threads_used: list[int] = []  # per forward of the current update
         self.version = 0  # policy version = rollout batches trained on
         self.optimizer_steps = 0
         self.skipped_steps = 0
@@ -134,6 +138,11 @@ class Learner:
         return contextlib.nullcontext()
 
     def _logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        if self.thread_policy is not None:
+            threads = self.thread_policy()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        self._threads_used.append(torch.get_num_threads())
         with self._autocast():
             return micro_batch_logprobs(
                 self.model,
@@ -185,6 +194,7 @@ class Learner:
         from trainer.fipo import policy_loss
 
         start = time.perf_counter()
+        self._threads_used = []
         seqs = flatten_batch(batch, advantages)
         cfg = self.config
         shared = self.shared_prompt
@@ -290,6 +300,7 @@ class Learner:
                 "perf/old_logp_s": old_seconds,
                 "perf/learner_tokens_per_s": total_tokens / max(elapsed, 1e-9),
                 "perf/learner_padded_tokens": float(tokens_seen),
+                "perf/learner_threads_mean": float(np.mean(self._threads_used or [0])),
                 "learner/sequences": float(len(seqs)),
                 "learner/response_tokens": float(total_tokens),
             }

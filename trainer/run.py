@@ -334,6 +334,10 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         stack.callback(source.close)
         with stopper.interruptible():
             source.wait_ready()
+        busy_threads = torch.get_num_threads()
+        idle_threads = cfg.model.idle_threads or len(os.sched_getaffinity(0))
+        if idle_threads != busy_threads:  # every core while the worker waits
+            learner.thread_policy = lambda: busy_threads if source.worker_busy() else idle_threads
 
         # Held-out eval: same env, verifier and engine, greedy.
         eval_env = make_eval_env(cfg, model_dir, address)

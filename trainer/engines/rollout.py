@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -272,8 +272,11 @@ class _Stop(Exception):
 class _Worker:
     """State of the worker process (see the module docstring for the loop)."""
 
-    def __init__(self, cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batches):
+    def __init__(
+        self, cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batches, busy=None
+    ):
         self.cfg = cfg
+        self.busy = busy  # shared flag: 1 while generating
         self.ctrl, self.events, self.batches = ctrl, events, batches
         self.io_dir = Path(start.io_dir)
         self.base_version = start.base_version
@@ -307,7 +310,8 @@ class _Worker:
         elif kind == "generate":
             _, req_id, path = msg
             prompts, n, sampling = read_pickle(path, delete=False)  # the source deletes it
-            out = self.engine.generate(prompts, n, sampling)
+            with self.generating():
+                out = self.engine.generate(prompts, n, sampling)
             reply = write_pickle((out, self.version), self.io_dir / f"reply-{req_id}.pkl")
             self.events.put(("generated", req_id, str(reply)))
         elif kind == "ping":
@@ -359,7 +363,8 @@ class _Worker:
                 if not self.started or self.version < self.needed_version():
                     self.wait_message()
                     continue
-                batch = self.make_batch()
+                with self.generating():
+                    batch = self.make_batch()
                 self.put_batch(batch)
         except _Stop:
             pass
@@ -367,6 +372,17 @@ class _Worker:
             if self.venv is not None:
                 self.venv.close()
             self.engine.close()
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """Raise the shared busy flag for the duration (the learner reads it)."""
+        if self.busy is not None:
+            self.busy.value = 1
+        try:
+            yield
+        finally:
+            if self.busy is not None:
+                self.busy.value = 0
 
     def put_batch(self, batch: RolloutBatch) -> None:
         path = write_pickle(batch, self.io_dir / f"batch-{self.next_batch:08d}.pkl")
@@ -489,7 +505,9 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="fipo-parent-watch", daemon=True).start()
 
 
-def worker_main(cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batches) -> None:
+def worker_main(
+    cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batches, busy=None
+) -> None:
     """Entry point of the rollout worker process (spawned by ``ProcessRolloutSource``)."""
     # Own process group: the source can kill vLLM's EngineCore / worker processes together
     # with this one, even if this process died without shutting them down.
@@ -506,7 +524,7 @@ def worker_main(cfg: RolloutWorkerConfig, start: WorkerStart, ctrl, events, batc
             engine_cfg = replace(engine_cfg, cpu_threads=len(cfg.cpus))
             cfg = replace(cfg, engine=engine_cfg)
     try:
-        worker = _Worker(cfg, start, ctrl, events, batches)
+        worker = _Worker(cfg, start, ctrl, events, batches, busy)
     except BaseException:
         # Keep the message under the pipe's atomic-write size (see the module docstring).
         events.put(("fatal", traceback.format_exc()[-3000:]))

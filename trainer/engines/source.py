@@ -60,10 +60,12 @@ class _Proc:
         self.events = ctx.Queue()
         # Bounded: the worker runs at most max_staleness batches ahead (one when synchronous).
         self.batches = ctx.Queue(maxsize=max(1, cfg.max_staleness))
+        # Set by the worker while it generates (the learner may use every core otherwise).
+        self.busy = ctx.Value("b", 0, lock=False)
         # Not a daemon: daemonic processes may not have children, and vLLM starts some.
         self.process = ctx.Process(
             target=worker_main,
-            args=(cfg, start, self.ctrl, self.events, self.batches),
+            args=(cfg, start, self.ctrl, self.events, self.batches, self.busy),
             name="fipo-rollout-worker",
         )
         self.process.start()
@@ -189,6 +191,11 @@ class ProcessRolloutSource:
     def restarts(self) -> int:
         """How many times the worker was restarted after a crash."""
         return self._restarts
+
+    def worker_busy(self) -> bool:
+        """Whether the worker is generating right now (a batch or a ``generate`` request);
+        False while it waits for weights, for room in the queue, or for the start."""
+        return bool(self._proc.busy.value)
 
     @property
     def worker_pid(self) -> int | None:

@@ -1,0 +1,120 @@
+"""Seconds per ``Learner.update``: padded micro-batches vs shared-prompt packing.
+
+Builds one rollout batch of the TRL benchmark's shape (``arithmetic:0`` prompts rendered by
+the env, 8 prompts x 8 samples, response lengths drawn uniformly from 5-96 tokens, random
+token ids, +-1 rewards) and times ``Learner.update`` on the embedded default model with
+the CPU preset, once per layout (``model.share_prompt=false`` is the baseline) and per
+thread count, in this one process. Each configuration gets a fresh learner, one untimed
+warm-up update, then ``--repeats`` timed updates (median reported).
+
+    python benchmarks/bench_learner.py                   # 1 thread, both layouts
+    python benchmarks/bench_learner.py --threads 1,2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file: make the project's packages importable
+
+
+def make_batch(model_dir: Path, prompts: int, group_size: int, max_tokens: int, seed: int):
+    """A scored rollout batch with real prompts and random responses."""
+    import numpy as np
+
+    from fipo_env.config import EnvConfig
+    from fipo_env.envs.common import render_prompt
+    from fipo_env.models import load_tokenizer
+    from fipo_env.tasks import make_task, sample_problems
+    from trainer.types import RolloutBatch, RolloutGroup
+
+    tok = load_tokenizer(model_dir)
+    rng = np.random.default_rng(seed)
+    groups = []
+    for p in sample_problems(
+        make_task("arithmetic:0", split="train"), prompts, seed, distinct=False
+    ):
+        resps = tuple(
+            tuple(int(x) for x in rng.integers(100, 40_000, int(rng.integers(5, max_tokens + 1))))
+            for _ in range(group_size)
+        )
+        rewards = rng.integers(0, 2, group_size).astype(np.float32) * 2 - 1
+        groups.append(
+            RolloutGroup(
+                prompt_ids=tuple(render_prompt(tok, EnvConfig(), p.question)),
+                response_ids=resps,
+                behaviour_logp=tuple(tuple(-1.0 for _ in r) for r in resps),
+                rewards=rewards,
+                correct=rewards > 0,
+                truncated=np.zeros(group_size, bool),
+                policy_version=0,
+            )
+        )
+    return RolloutBatch(groups=tuple(groups), num_generated_groups=prompts, gen_seconds=0.0,
+                        gen_tokens=0)  # fmt: skip
+
+
+def time_updates(model_dir: Path, batch, overrides: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds (and token positions) of ``repeats`` updates after one warm-up."""
+    import torch
+
+    from trainer.config import parse_args
+    from trainer.learner import Learner, build_loss_config
+
+    cfg = parse_args(["optim.warmup_steps=0", f"model.path={model_dir}", *overrides]).config
+    torch.set_num_threads(cfg.model.num_threads or os.cpu_count() or 1)
+    learner = Learner(cfg, model_dir, build_loss_config(cfg.algorithm), pad_id=0)
+    adv = [g.rewards - g.rewards.mean() for g in batch.groups]
+    learner.update(batch, adv)  # warm-up
+    seconds, positions = [], 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        m = learner.update(batch, adv)
+        seconds.append(time.perf_counter() - t)
+        positions = m["perf/learner_padded_tokens"]
+    return {"s": statistics.median(seconds), "positions": positions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        threads = [int(x) for x in args.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+    if min(threads) < 1 or args.repeats < 1:
+        p.error("--threads and --repeats must be >= 1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fipo_env.models import default_model_dir
+
+    model_dir = default_model_dir()
+    batch = make_batch(model_dir, args.prompts, args.group_size, args.max_tokens, args.seed)
+    tokens = sum(len(r) for g in batch.groups for r in g.response_ids)
+    print(f"batch: {args.prompts} prompts of {len(batch.groups[0].prompt_ids)} tokens x "
+          f"{args.group_size} samples, {tokens} response tokens; load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'threads':>7} {'layout':<14}{'positions':>10}{'s/update':>10}{'speed-up':>10}")
+    for n in threads:
+        base = None
+        for shared in (False, True):
+            over = [f"model.num_threads={n}", f"model.share_prompt={str(shared).lower()}"]
+            r = time_updates(model_dir, batch, over, args.repeats)
+            base = base or r["s"]
+            print(f"{n:>7} {'shared prompt' if shared else 'padded':<14}{r['positions']:>10.0f}"
+                  f"{r['s']:>10.1f}{base / r['s']:>9.2f}x", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
