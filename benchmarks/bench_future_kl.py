@@ -90,19 +90,11 @@ def timeit(
 
 def model_ratio(batch: int, length: int, device: torch.device, loss_ms: float) -> None:
     """Loss fwd+bwd time as a share of a Qwen2-0.5B-shaped model's fwd+bwd on the tokens."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from bench_learner import qwen2_05b_config  # run as a file: benchmarks/ is on sys.path
+    from transformers import Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=max(32_768, length),
-        tie_word_embeddings=True,
-        use_cache=False,  # training step; also keeps gradient checkpointing from warning
-    )
+    cfg = qwen2_05b_config(max(32_768, length))
+    cfg.use_cache = False  # training step; also keeps gradient checkpointing from warning
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
     model.gradient_checkpointing_enable()

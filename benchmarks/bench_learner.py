@@ -9,6 +9,15 @@ warm-up update, then ``--repeats`` timed updates (median reported).
 
     python benchmarks/bench_learner.py                   # 1 thread, both layouts
     python benchmarks/bench_learner.py --threads 1,2 --repeats 3
+
+``--random-qwen2`` instead measures the GPU targets: a randomly initialised
+Qwen2-0.5B-shaped model under the GPU preset (bf16 autocast, gradient checkpointing,
+chunked log-probs), one group of ``--batch`` responses of ``--response-tokens`` tokens,
+reporting learner tokens/s, the share of the update spent in ``policy_loss`` (forward;
+its backward is part of the model's) and peak GPU memory:
+
+    python benchmarks/bench_learner.py --random-qwen2 --batch 4 --response-tokens 16384
+    python benchmarks/bench_learner.py --random-qwen2 --tiny --device cpu   # a smoke run
 """
 
 from __future__ import annotations
@@ -81,6 +90,96 @@ def time_updates(model_dir: Path, batch, overrides: list[str], repeats: int) -> 
     return {"s": statistics.median(seconds), "positions": positions}
 
 
+def qwen2_05b_config(max_positions: int = 32_768, tiny: bool = False):
+    """A Qwen2-0.5B-shaped config (``tiny``: the same architecture, toy sizes)."""
+    from transformers import Qwen2Config
+
+    if tiny:
+        return Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=max_positions, tie_word_embeddings=True)  # fmt: skip
+    return Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True)  # fmt: skip
+
+
+def random_qwen2(args: argparse.Namespace) -> int:
+    """The GPU learner figures on a random Qwen2-0.5B-shaped model (see the docstring)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from trainer.config import parse_args
+    from trainer.learner import Learner, build_loss_config
+    from trainer.types import RolloutBatch, RolloutGroup
+
+    B, T, P = args.batch, args.response_tokens, args.prompt_tokens
+    cfg_model = qwen2_05b_config(max(32_768, P + T), tiny=args.tiny)
+    rng = np.random.default_rng(args.seed)
+    resps = tuple(tuple(int(x) for x in rng.integers(0, cfg_model.vocab_size, T)) for _ in range(B))
+    rewards = np.array([1.0, -1.0] * (B // 2) + [1.0] * (B % 2))
+    group = RolloutGroup(
+        prompt_ids=tuple(int(x) for x in rng.integers(0, cfg_model.vocab_size, P)),
+        response_ids=resps,
+        behaviour_logp=tuple(tuple(-2.0 for _ in r) for r in resps),
+        rewards=rewards, correct=rewards > 0, truncated=np.zeros(B, bool), policy_version=0,
+    )  # fmt: skip
+    batch = RolloutBatch(groups=(group,), num_generated_groups=1, gen_seconds=0.0, gen_tokens=0)
+    with tempfile.TemporaryDirectory(prefix="qwen2-random-") as tmp:
+        torch.manual_seed(args.seed)
+        Qwen2ForCausalLM(cfg_model).save_pretrained(tmp)
+        cfg = parse_args([
+            "--preset", "gpu", f"model.device={args.device}", f"model.path={tmp}",
+            "rollout.prompts_per_step=1", f"rollout.group_size={B}",
+            f"optim.mini_batches={args.mini_batches}", "optim.warmup_steps=0",
+            f"model.micro_batch_tokens={args.micro_batch_tokens or B * (P + T)}",
+        ]).config  # fmt: skip
+        learner = Learner(cfg, tmp, build_loss_config(cfg.algorithm), pad_id=0)
+    device = learner.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loss_s = [0.0]
+    import trainer.fipo as fipo
+
+    original = fipo.policy_loss
+
+    def timed_loss(*a, **kw):
+        sync()
+        t = time.perf_counter()
+        out = original(*a, **kw)
+        sync()
+        loss_s[0] += time.perf_counter() - t
+        return out
+
+    fipo.policy_loss = timed_loss  # Learner.update imports it at call time
+    adv = [rewards - rewards.mean()]
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        learner.update(batch, adv)  # warm-up
+        times, shares = [], []
+        for _ in range(args.repeats):
+            loss_s[0] = 0.0
+            sync()
+            t = time.perf_counter()
+            learner.update(batch, adv)
+            sync()
+            times.append(time.perf_counter() - t)
+            shares.append(loss_s[0] / times[-1])
+    finally:
+        fipo.policy_loss = original
+    s = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    print(f"random Qwen2-0.5B shape{' (tiny)' if args.tiny else ''} on {device}: "
+          f"{B} x ({P} prompt + {T} response) tokens, {args.mini_batches} mini-batches, "
+          f"gradient checkpointing, bf16 autocast")  # fmt: skip
+    print(f"update (old log-probs + optimiser steps): {s:.2f} s  -> {B * T / s:,.0f} response "
+          f"tokens/s; policy_loss forward share {100 * statistics.median(shares):.2f} %; "
+          f"peak GPU memory {peak:.1f} GiB")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
@@ -89,7 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-qwen2", action="store_true", help="the GPU mode (see above)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes of the same architecture")
+    p.add_argument("--device", default="cuda", help="--random-qwen2 device (default cuda)")
+    p.add_argument("--batch", type=int, default=4, help="--random-qwen2 responses")
+    p.add_argument("--response-tokens", type=int, default=16_384)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--mini-batches", type=int, default=2)
+    p.add_argument("--micro-batch-tokens", type=int, default=0, help="0: the whole batch")
     args = p.parse_args(argv)
+    if args.random_qwen2:
+        return random_qwen2(args)
     try:
         threads = [int(x) for x in args.threads.split(",")]
     except ValueError:

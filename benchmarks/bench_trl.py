@@ -28,9 +28,12 @@ What each side runs (their defaults, except where the shared settings say otherw
   several times slower than one), and the ratio is taken against the fastest. Reward: ``server.trl_reward.make_trl_reward_func`` over a
   ``RewardClient`` to the reward server (binary 0/1, so its mean reward is accuracy).
 - Ours: ``python -m trainer.run`` with its defaults (FIPO, vLLM rollout worker one policy
-  version ahead, 4 optimiser steps per batch, bf16 autocast, one learner thread) plus the
+  version ahead, 4 optimiser steps per batch, bf16 autocast, shared-prompt packing, one
+  learner thread while the worker generates and all cores while it waits) plus the
   shared settings, dynamic sampling off (exactly prompts x G samples per step, as TRL),
   no warm-up, no eval, the same reward server.
+
+The script also draws ``trl_vs_ours.png`` (accuracy and seconds per step) in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -373,6 +376,30 @@ def print_report(
             print("note: fewer than 2 steps on a side; its first (warm-up) step was used")
 
 
+def plot_results(s: BenchSettings, results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Two panels, per step and per trainer: training accuracy, and seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, sec) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for side, r in results.items():
+        steps = range(1, len(r["step_s"]) + 1)
+        label = f"{side} ({typical_step(r['step_s']):.0f} s/step)"
+        acc.plot(steps, r["accuracy"][: len(r["step_s"])], marker="o", label=label)
+        sec.plot(steps, r["step_s"], marker="o", label=side)
+    acc.set(xlabel="training step", ylabel="training accuracy (batch)",
+            title=f"{s.prompts} prompts x {s.group_size} samples, {s.task}")  # fmt: skip
+    sec.set(xlabel="training step", ylabel="seconds", title="wall time per step", ylim=(0, None))
+    for ax in (acc, sec):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = BenchSettings()
@@ -453,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"settings": asdict(s), "load": load,
                                                   "results": results}, indent=1))  # fmt: skip
     print_report(s, results, load)
+    if any(r["step_s"] for r in results.values()):
+        plot_results(s, results, out / "trl_vs_ours.png")
+        print(f"plot: {out / 'trl_vs_ours.png'}")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 

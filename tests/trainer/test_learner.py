@@ -110,6 +110,25 @@ def test_shared_prompt_and_padded_layouts_give_the_same_loss_and_gradient(
         assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-7), key
 
 
+def test_thread_policy_is_asked_before_every_forward(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir, mini_batches=2)
+    answers = iter([2, 1] * 50)
+    asked = []
+
+    def policy() -> int:
+        asked.append(next(answers))
+        return asked[-1]
+
+    learner.thread_policy = policy
+    before = torch.get_num_threads()
+    try:
+        metrics = learner.update(_batch(5), _advantages(_batch(5)))
+    finally:
+        torch.set_num_threads(before)
+    assert len(asked) >= 3  # old-logp pass + two mini-batches, at least one forward each
+    assert metrics["perf/learner_threads_mean"] == pytest.approx(sum(asked) / len(asked))
+
+
 def test_first_step_is_on_policy_and_later_steps_move_the_policy(tiny_model_dir: Path) -> None:
     learner = _learner(tiny_model_dir, mini_batches=1)
     before = _weights(learner)

@@ -189,6 +189,7 @@ def test_async_source_respects_max_staleness(tiny_dir, tiny_weights):
             "waiting_for_version": 1,
             "started": True,
         }
+        assert not source.worker_busy()  # waiting: the learner may take every core
         for learner_version in range(1, 4):
             source.publish(tiny_weights, version=learner_version)
             batch = source.next_batch(timeout_s=TIMEOUT_S)
