@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="gold cache per worker",
     )
     a("--no-recheck", action="store_true", help="keep math-verify's rounding verdicts on numbers")
+    a("--allow-unevaluated", action="store_true",
+      help="accept an unevaluated expression (79 + 89) for a number gold (168)")  # fmt: skip
     a("--max-batch", type=int, default=dl.max_batch_items, help="items per Score request")
     a("--max-response-chars", type=int, default=dl.max_response_chars)
     a("--max-gold-chars", type=int, default=dl.max_gold_chars)
@@ -95,7 +97,9 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
             memory_limit_mb=args.memory_limit_mb,
             result_cache_size=args.result_cache,
             verifier=VerifierConfig(
-                gold_cache_size=args.gold_cache, exact_numeric_recheck=not args.no_recheck
+                gold_cache_size=args.gold_cache,
+                exact_numeric_recheck=not args.no_recheck,
+                require_evaluated_answer=not args.allow_unevaluated,
             ),
             limits=limits,
         )

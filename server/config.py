@@ -33,6 +33,13 @@ class VerifierConfig:
     ``recheck_rel_tol`` (other numbers). math-verify 0.9.0 compares numbers with an absolute
     rounding, so tiny values such as ``1/2004!`` and ``1/2006!`` come out "equal"; the re-check
     overturns such verdicts (result flag ``exact_recheck_overturned``). See docs/server.md."""
+    require_evaluated_answer: bool = True
+    """When every gold is a plain number, an answer that is still an arithmetic expression of
+    numbers (``79 + 89`` for ``168``, ``2^3`` for ``8``) is WRONG (flag
+    ``unevaluated_expression``), although math-verify finds it equal: restating the question
+    is not answering it. A policy trained on arithmetic learnt exactly that (an empty
+    ``\\boxed{}`` after the restated sum; math-verify's fallback took the sum). A single
+    fraction or decimal (``3/4``, ``\\frac{3}{4}``, ``-0.5``, ``1,000``) counts as evaluated."""
     recheck_rel_tol: float = 1e-5
     """Relative tolerance of the re-check for non-rational numbers; loose enough that
     ``0.333333`` still equals ``1/3`` as math-verify intends."""
@@ -55,6 +62,7 @@ class VerifierConfig:
             self.strict,
             self.exact_numeric_recheck,
             self.recheck_rel_tol,
+            self.require_evaluated_answer,
         )
 
 

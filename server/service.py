@@ -199,6 +199,7 @@ class RewardServicer:
                 strict=ver.strict,
                 exact_numeric_recheck=ver.exact_numeric_recheck,
                 recheck_rel_tol=ver.recheck_rel_tol,
+                require_evaluated_answer=ver.require_evaluated_answer,
                 default_deadline_s=pcfg.default_deadline_s,
                 max_deadline_s=pcfg.max_deadline_s,
             ),

@@ -24,6 +24,10 @@ overturn the verdict (flag ``exact_recheck_overturned``). ``1-\\frac{1}{e}`` vs
 ``1+\\frac{1}{e}`` comes out "equal" when a gold without math delimiters is parsed as a plain
 expression and only its leading ``1`` is extracted; LaTeX golds are therefore wrapped in
 ``$...$`` before parsing, which gives the whole expression.
+
+Restating the question: math-verify finds ``79 + 89`` equal to ``168``. When every gold is a
+plain number and the extracted answer is arithmetic on numbers still to be done, the verdict
+is WRONG with the flag ``unevaluated_expression`` (``VerifierConfig.require_evaluated_answer``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,42 @@ _CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _CHOICE_FALLBACK = re.compile(r"\\boxed\{\s*\(?([A-Z])\)?\s*\}|\(([A-Z])\)|\*\*([A-Z])\*\*")
 _TAIL_CONTEXT = 1_000  # characters kept before the last \\boxed when parsing the tail first
 _DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\begin")
+# A number as a final answer: 168, -3, 1,000, 0.25, 50%, 3/4, \frac{3}{4}.
+_LITERAL = re.compile(
+    r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|[+-]?\d+/\d+|[+-]?\\d?frac\{[+-]?\d+\}\{\d+\}"
+)
+# Only numbers, brackets and arithmetic: what "79 + 89" or "2^{3}" is made of.
+_NUMERIC_EXPR = re.compile(
+    r"(?:[\d.,()+\-*/^{}\[\]]|×|÷|·|\\times|\\cdot|\\div|\\d?frac|\\left|\\right)+"
+)
+_OPERATOR = re.compile(r"[+*/^×÷·]|\\times|\\cdot|\\div|\\d?frac|(?<=[\d)}])-")
+_WRAPPERS = re.compile(r"\\boxed\{(.*)\}|\\\(|\\\)|\\\[|\\\]|\\[,!; ]|\s+|\$")
+
+
+def _normal(answer: str) -> str:
+    """An answer string without math delimiters, ``\\boxed{}``, spacing commands or blanks."""
+    previous = None
+    text = answer.strip()
+    while text != previous:
+        previous = text
+        text = _WRAPPERS.sub(lambda m: m.group(1) or "", text).rstrip(".").replace("\\%", "%")
+    return text
+
+
+def is_number_literal(answer: str) -> bool:
+    """Whether ``answer`` is one number (integer, decimal, percentage or simple fraction)."""
+    return bool(_LITERAL.fullmatch(_normal(answer)))
+
+
+def is_unevaluated_expression(answer: str) -> bool:
+    """Whether ``answer`` is arithmetic on numbers still to be done (``79 + 89``, ``2^3``)."""
+    text = _normal(answer)
+    return (
+        not _LITERAL.fullmatch(text)
+        and bool(_NUMERIC_EXPR.fullmatch(text))
+        and any(c.isdigit() for c in text)
+        and bool(_OPERATOR.search(text))
+    )
 
 
 class SoftTimeout(BaseException):
@@ -198,6 +238,14 @@ class Verifier:
             if equal:
                 status = Status.OK
                 break
+        if (
+            status is Status.OK
+            and self.config.require_evaluated_answer
+            and all(is_number_literal(g) for g, _ in golds)
+            and is_unevaluated_expression(shown_pred)
+        ):
+            status = Status.WRONG
+            flags.append("unevaluated_expression")
         stages["compare"] = (time.perf_counter() - t2) * 1e3
         return Verdict(
             status,

@@ -69,6 +69,49 @@ def test_recheck_flag_and_switch():
     assert r.status is Status.OK  # math-verify 0.9.0's own (wrong) verdict
 
 
+# Restating the question is not answering it (a trained policy learnt to write the sum and
+# an empty \\boxed{}; math-verify's fallback took the sum, which equals the gold).
+@pytest.mark.parametrize(
+    "response",
+    [
+        "79 + 89 equals \\boxed{}.",
+        "\\boxed{79+89}",
+        "$79 + 89$",
+        "\\boxed{2 \\times 84}",
+        "\\boxed{168^{1}}",
+    ],
+)
+def test_an_unevaluated_sum_does_not_answer_a_number_gold(pool, response):
+    (r,) = pool.score([item(response, "168")])
+    assert r.status is Status.WRONG and "unevaluated_expression" in r.flags, r
+
+
+@pytest.mark.parametrize(
+    "response,gold",
+    [
+        ("\\boxed{168}", "168"),
+        ("\\boxed{\\frac{3}{4}}", "0.75"),  # a single fraction is an evaluated number
+        ("\\boxed{-5}", "-5"),
+        ("\\boxed{2x+2}", "2(x+1)"),  # not a number gold: expressions are the answer
+        ("\\boxed{1+\\sqrt{2}}", "\\sqrt{2}+1"),
+    ],
+)
+def test_evaluated_answers_and_expression_golds_are_unaffected(pool, response, gold):
+    (r,) = pool.score([item(response, gold)])
+    assert r.status is Status.OK and "unevaluated_expression" not in r.flags, r
+
+
+def test_unevaluated_answers_can_be_allowed():
+    from server.config import PoolConfig, VerifierConfig
+    from server.pool import WorkerPool
+
+    with WorkerPool(
+        PoolConfig(workers=1, verifier=VerifierConfig(require_evaluated_answer=False))
+    ) as raw:
+        (r,) = raw.score([item("\\boxed{79+89}", "168")])
+    assert r.status is Status.OK, r
+
+
 def test_recheck_flag(pool):
     (r,) = pool.score([item("\\boxed{\\frac{1}{2006!}}", "\\frac{1}{2004!}")])
     assert "exact_recheck_overturned" in r.flags

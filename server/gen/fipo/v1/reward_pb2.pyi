@@ -128,7 +128,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_items: _Optional[int] = ..., max_response_chars: _Optional[int] = ..., max_gold_chars: _Optional[int] = ..., max_golds: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_items: _Optional[int] = ...) -> None: ...
 
 class VerifierSettings(_message.Message):
-    __slots__ = ("float_rounding", "numeric_precision", "strict", "exact_numeric_recheck", "recheck_rel_tol", "default_deadline_s", "max_deadline_s")
+    __slots__ = ("float_rounding", "numeric_precision", "strict", "exact_numeric_recheck", "recheck_rel_tol", "default_deadline_s", "max_deadline_s", "require_evaluated_answer")
     FLOAT_ROUNDING_FIELD_NUMBER: _ClassVar[int]
     NUMERIC_PRECISION_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class VerifierSettings(_message.Message):
     RECHECK_REL_TOL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     MAX_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_EVALUATED_ANSWER_FIELD_NUMBER: _ClassVar[int]
     float_rounding: int
     numeric_precision: int
     strict: bool
@@ -143,7 +144,8 @@ class VerifierSettings(_message.Message):
     recheck_rel_tol: float
     default_deadline_s: float
     max_deadline_s: float
-    def __init__(self, float_rounding: _Optional[int] = ..., numeric_precision: _Optional[int] = ..., strict: _Optional[bool] = ..., exact_numeric_recheck: _Optional[bool] = ..., recheck_rel_tol: _Optional[float] = ..., default_deadline_s: _Optional[float] = ..., max_deadline_s: _Optional[float] = ...) -> None: ...
+    require_evaluated_answer: bool
+    def __init__(self, float_rounding: _Optional[int] = ..., numeric_precision: _Optional[int] = ..., strict: _Optional[bool] = ..., exact_numeric_recheck: _Optional[bool] = ..., recheck_rel_tol: _Optional[float] = ..., default_deadline_s: _Optional[float] = ..., max_deadline_s: _Optional[float] = ..., require_evaluated_answer: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("server_version", "math_verify_version", "sympy_version", "grpc_version", "workers", "live_workers", "limits", "verifier", "auth_required", "tls", "mtls")
