@@ -3,10 +3,12 @@
 One update (``Learner.update``):
 
 1. Flatten the batch's groups into sequences and split them into ``optim.mini_batches``
-   mini-batches (and each into micro-batches under ``model.micro_batch_tokens``).
-2. Recompute ``old_logp`` with the current weights, no grad, on exactly that partition,
-   so that on the first mini-batch ``logp == old_logp`` bit for bit (Future-KL = 0, the
-   step is DAPO's, as the spec says it must be).
+   mini-batches of whole groups (and each into micro-batches under
+   ``model.micro_batch_tokens``, shared-prompt packed by default: ``trainer.packing``).
+2. Recompute ``old_logp`` with the current weights before the first optimiser step: for
+   the first mini-batch it is ``logp.detach()`` of its own training forward (so
+   ``logp == old_logp`` exactly, Future-KL = 0, the step is DAPO's, as the spec says it
+   must be); the other mini-batches get one no-grad pass on exactly their micro-batches.
 3. One optimiser step per mini-batch: ``trainer.fipo.policy_loss`` (token-mean), grad
    clip, AdamW, warm-up schedule. Later mini-batches see a moved policy, which is where
    Future-KL acts.
