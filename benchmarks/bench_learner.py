@@ -111,6 +111,7 @@ def random_qwen2(args: argparse.Namespace) -> int:
     import torch
     from transformers import Qwen2ForCausalLM
 
+    import trainer.fipo as fipo
     from trainer.config import parse_args
     from trainer.learner import Learner, build_loss_config
     from trainer.types import RolloutBatch, RolloutGroup
@@ -140,8 +141,6 @@ def random_qwen2(args: argparse.Namespace) -> int:
     device = learner.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss_s = [0.0]
-    import trainer.fipo as fipo
-
     original = fipo.policy_loss
 
     def timed_loss(*a, **kw):

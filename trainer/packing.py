@@ -148,13 +148,11 @@ def make_micro_batch(
         rmask[i, :n] = 1.0
         if n:
             blogp[i, :n] = torch.tensor(seqs.behaviour_logp[r], dtype=torch.float32)
-    ids: list[int] = []  # the packed row, or the rows back to back before padding
-    pos: list[int] = []
-    src: list[int] = []
-    targets: list[int] = []
-    out_row: list[int] = []
-    out_col: list[int] = []
+    # For each row, the flat positions of the hidden states that predict its tokens.
+    src_of: list[list[int]] = [[] for _ in rows]
     if shared_prompt:
+        ids: list[int] = []  # the one packed row
+        pos: list[int] = []
         by_prompt: dict[tuple[int, ...], list[int]] = {}
         for i, r in enumerate(rows):
             by_prompt.setdefault(seqs.prompts[r], []).append(i)
@@ -170,50 +168,40 @@ def make_micro_batch(
                 ids.extend(resp)
                 pos.extend(range(P, P + n))
                 # token 0 is predicted by the prompt's last position, token t by s + t - 1
-                src.extend([start + P - 1, *range(s, s + n - 1)][:n])
-                targets.extend(resp)
-                out_row.extend([i] * n)
-                out_col.extend(range(n))
+                src_of[i] = [start + P - 1, *range(s, s + n - 1)][:n]
                 if n:
                     spans.append((s, s + n))
             blocks.append(Block(start=start, prompt_len=P, spans=tuple(spans)))
-        return MicroBatch(
-            rows=torch.tensor(rows, dtype=torch.long),
-            input_ids=torch.tensor([ids], dtype=torch.long),
-            position_ids=torch.tensor([pos], dtype=torch.long),
-            attention_mask=None,
-            segments=Segments(rows=(tuple(blocks),)),
-            src=torch.tensor(src, dtype=torch.long),
-            targets=torch.tensor(targets, dtype=torch.long),
-            out_row=torch.tensor(out_row, dtype=torch.long),
-            out_col=torch.tensor(out_col, dtype=torch.long),
-            response_mask=rmask,
-            behaviour_logp=blogp,
-        )
-    L = max(len(seqs.prompts[r]) + len(seqs.responses[r]) for r in rows)
-    input_ids = torch.full((b, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, L), dtype=torch.long)
-    mask = torch.zeros((b, L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        prompt, resp = seqs.prompts[r], seqs.responses[r]
-        seq = prompt + resp
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        position_ids[i, : len(seq)] = torch.arange(len(seq))
-        mask[i, : len(seq)] = 1
-        src.extend(i * L + len(prompt) - 1 + t for t in range(len(resp)))
-        targets.extend(resp)
-        out_row.extend([i] * len(resp))
-        out_col.extend(range(len(resp)))
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        position_ids = torch.tensor([pos], dtype=torch.long)
+        attention_mask = None
+        segments: Segments | None = Segments(rows=(tuple(blocks),))
+    else:
+        L = max(len(seqs.prompts[r]) + len(seqs.responses[r]) for r in rows)
+        input_ids = torch.full((b, L), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((b, L), dtype=torch.long)
+        attention_mask = torch.zeros((b, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            prompt, resp = seqs.prompts[r], seqs.responses[r]
+            seq = prompt + resp
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            position_ids[i, : len(seq)] = torch.arange(len(seq))
+            attention_mask[i, : len(seq)] = 1
+            src_of[i] = [i * L + len(prompt) - 1 + t for t in range(len(resp))]
+        segments = None
+    responses = [seqs.responses[r] for r in rows]
     return MicroBatch(
         rows=torch.tensor(rows, dtype=torch.long),
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=mask,
-        segments=None,
-        src=torch.tensor(src, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        out_row=torch.tensor(out_row, dtype=torch.long),
-        out_col=torch.tensor(out_col, dtype=torch.long),
+        attention_mask=attention_mask,
+        segments=segments,
+        src=torch.tensor([p for per_row in src_of for p in per_row], dtype=torch.long),
+        targets=torch.tensor([t for resp in responses for t in resp], dtype=torch.long),
+        out_row=torch.tensor(
+            [i for i, resp in enumerate(responses) for _ in resp], dtype=torch.long
+        ),
+        out_col=torch.tensor([t for resp in responses for t in range(len(resp))], dtype=torch.long),
         response_mask=rmask,
         behaviour_logp=blogp,
     )
