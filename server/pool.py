@@ -18,7 +18,9 @@ queue, sends each to its worker over a pipe and waits for the verdict with a har
   cached items cost no IPC.
 
 Workers are forked from multiprocessing's fork server (see ``server.worker``), which this
-module starts when the first pool is created -- create pools before any gRPC server.
+module starts when the first pool is created -- create pools before any gRPC server. Like any
+spawn/forkserver code, a script that creates a pool needs the ``if __name__ == "__main__":``
+guard; without it the pool raises ``MainModuleError`` saying so.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from server.rewards import make_result
 from server.supervisor import IDLE, IDLE_CHECK_S, Idle, Slot, Task, Worker
 from server.types import ScoreItem, ScoreResult, Status
 from server.verify import Verdict
-from server.worker import PRELOAD
+from server.worker import PRELOAD, MainModuleError, check_main_module, exit_if_reimporting_main
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class WorkerPool:
     """
 
     def __init__(self, config: PoolConfig | None = None, events: PoolEvents | None = None) -> None:
+        exit_if_reimporting_main()  # an unguarded script re-imported in a worker: see there
+        check_main_module()
         self.config = config or PoolConfig()
         self._events: PoolEvents = events or NullEvents()
         self._ctx = mp.get_context("forkserver")
@@ -142,6 +146,9 @@ class WorkerPool:
             for w in workers:
                 if isinstance(w, Worker):
                     w.kill()
+            guard = next((e for e in errors if isinstance(e, MainModuleError)), None)
+            if guard is not None:
+                raise guard  # one message that says what to change, not a wrapped one
             raise RuntimeError(f"could not start verify workers: {errors[0]}") from errors[0]
         with self._cond:
             for w in workers:

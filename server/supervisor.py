@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from server.config import PoolConfig
 from server.types import ScoreItem, Status
 from server.verify import Verdict
-from server.worker import worker_main
+from server.worker import MAIN_REIMPORT_EXIT, main_reimport_error, worker_main
 
 if TYPE_CHECKING:
     from server.pool import WorkerPool
@@ -68,7 +68,17 @@ class Worker:
         if not self.conn.poll(config.start_timeout_s):
             self.kill()
             raise RuntimeError(f"worker did not start within {config.start_timeout_s} s")
-        tag, _pid = self.conn.recv()
+        try:
+            tag, _pid = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.kill()
+            if code == MAIN_REIMPORT_EXIT:
+                raise main_reimport_error() from None
+            raise RuntimeError(
+                f"worker exited with status {code} before it was ready (see its stderr)"
+            ) from None
         if tag != "ready":
             self.kill()
             raise RuntimeError(f"worker sent {tag!r} instead of 'ready'")

@@ -12,10 +12,13 @@ to exit.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import resource
 import signal
+import sys
 import traceback
+from multiprocessing import spawn
 from multiprocessing.connection import Connection
 
 from server.config import VerifierConfig
@@ -23,6 +26,67 @@ from server.types import ScoreItem, Status
 
 #: Modules the fork server imports once, so forked workers start warm.
 PRELOAD = ["server.worker", "server.verify", "sympy", "math_verify", "latex2sympy2_extended"]
+
+#: Exit status of a worker that found itself re-importing a main module which starts a pool.
+MAIN_REIMPORT_EXIT = 87
+
+_GUARD_HINT = (
+    'put the script\'s top-level code under `if __name__ == "__main__":`, or score with a '
+    'running reward server instead (`python -m server`, then verifier="host:port" in '
+    "fipo_env or server.client.RewardClient)"
+)
+
+
+class MainModuleError(RuntimeError):
+    """Verify workers cannot start because of how the program's main module is run.
+
+    Worker processes come from multiprocessing's fork server, which re-imports the main
+    module (the script) in every new worker, exactly as the ``spawn`` start method does.
+    """
+
+
+def check_main_module() -> None:
+    """Fail early when the main module cannot be re-imported in a worker at all.
+
+    A script fed on standard input (``python - < script.py``) is re-imported from the path
+    ``<stdin>``, which does not exist: every worker would die with ``FileNotFoundError``.
+
+    Raises:
+        MainModuleError: The main module's path is not a file.
+    """
+    path = spawn.get_preparation_data("fipo-verify-worker").get("init_main_from_path")
+    if path is not None and not os.path.isfile(path):
+        raise MainModuleError(
+            f"cannot start verify workers: they re-import the main module from {path!r}, "
+            "which is not a file (is the script read from standard input?). Save it to a "
+            f"file and run that, and {_GUARD_HINT}"
+        )
+
+
+def exit_if_reimporting_main() -> None:
+    """In a worker that is still re-importing the main module, exit with ``MAIN_REIMPORT_EXIT``.
+
+    A script without the ``__main__`` guard creates its pool again while a new worker
+    re-imports it; multiprocessing would then raise its long bootstrapping error in the
+    worker. Exiting quietly with a known status lets the parent raise one message instead
+    (``main_reimport_error``). ``_inheriting`` is the flag multiprocessing itself checks.
+    """
+    if getattr(mp.current_process(), "_inheriting", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(MAIN_REIMPORT_EXIT)
+
+
+def main_reimport_error() -> MainModuleError:
+    """The error for a worker that exited with ``MAIN_REIMPORT_EXIT``."""
+    main = sys.modules.get("__main__")
+    where = getattr(main, "__file__", None) or "the main module"
+    return MainModuleError(
+        f"cannot start verify workers: {where} creates a worker pool (e.g. fipo_env's default "
+        "verifier='local' on its first reward) while it is being imported, and every new "
+        "worker process re-imports the main module (multiprocessing forkserver), so the "
+        f"workers would start pools of their own; {_GUARD_HINT}"
+    )
 
 
 def _cap_memory(limit_mb: int) -> None:

@@ -18,6 +18,7 @@ from gymnasium import spaces
 from fipo_env.config import EnvConfig
 from fipo_env.tasks.types import Problem
 from server.types import ScoreItem, ScoreResult
+from server.worker import MainModuleError
 
 TOKEN_DTYPE = np.int32  # every vocabulary in use (<= 256k) fits; halves copies vs int64
 
@@ -281,10 +282,14 @@ def score_or_raise(verifier: Any, items: list[ScoreItem]) -> list[ScoreResult]:
     """Score ``items``; a verifier failure becomes a ``RuntimeError`` that says what was lost.
 
     Raises:
+        MainModuleError: A local verifier's workers cannot start because the script lacks
+            its ``if __name__ == "__main__":`` guard (passed through unwrapped).
         RuntimeError: The verifier raised, or did not answer every item in order.
     """
     try:
         results = verifier.score(items)
+    except MainModuleError:
+        raise  # the script itself must change (its __main__ guard): say only that
     except Exception as e:
         raise RuntimeError(
             f"the verifier ({type(verifier).__name__}) failed to score {len(items)} finished "
