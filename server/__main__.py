@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.config import Limits, PoolConfig, ServerConfig, VerifierConfig
+from server.config import DEFAULT_METRICS_PORT, Limits, PoolConfig, ServerConfig, VerifierConfig
 from server.logs import setup_logging
 from server.pool import default_workers
 
@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--host", default=d.host, help=f"address to bind (default {d.host}: local only)")
     a("--port", type=int, default=d.port, help=f"gRPC port, 0 = any free (default {d.port})")
-    a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port, 0 = any free")
+    a(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus port, 0 = any free (default {DEFAULT_METRICS_PORT})",
+    )
     a("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     a("--workers", type=int, default=None, help="verify worker processes (default: usable CPUs)")
     a("--deadline", type=float, default=dp.default_deadline_s, help="default per-item deadline, s")
@@ -125,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fipo-reward-server``; returns the process exit code."""
     config = config_from_args(argv)
     setup_logging(config.log_level)
-    from server.service import serve  # grpc is imported only once the arguments are valid
+    from server.service import BindError, serve  # grpc only once the arguments are valid
 
-    return serve(config)
+    try:
+        return serve(config)
+    except BindError as e:  # a taken port is a usage problem: one line, no traceback
+        print(f"fipo-reward-server: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -163,6 +163,13 @@ class PoolConfig:
         _check(self.result_cache_size >= 0, "pool.result_cache_size must be >= 0")
 
 
+MIN_TOKEN_CHARS = 8
+"""Shortest accepted bearer token (``ServerConfig.auth_token``)."""
+
+DEFAULT_METRICS_PORT = 9464
+"""The Prometheus port of ``python -m server`` (its ``--metrics-port`` default)."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The gRPC server around the pool."""
@@ -172,8 +179,10 @@ class ServerConfig:
     expose it."""
     port: int = 50051
     """gRPC port; 0 picks a free one (``create_server`` returns it)."""
-    metrics_port: int | None = 9464
-    """Prometheus HTTP port on ``host`` (0 picks a free one); None disables metrics."""
+    metrics_port: int | None = 0
+    """Prometheus HTTP port on ``host``; 0 (the default in code) picks a free one, so two
+    servers in one machine never collide (``RewardServer.metrics_port`` says which); None
+    disables metrics. ``python -m server`` defaults to ``DEFAULT_METRICS_PORT`` instead."""
     grpc_threads: int = 16
     """Threads serving RPCs (each in-flight RPC holds one while it waits for its results)."""
     grace_s: float = 30.0
@@ -181,7 +190,8 @@ class ServerConfig:
     retry_after_ms: int = 200
     """Back-off hint sent with RESOURCE_EXHAUSTED (trailing metadata ``retry-after-ms``)."""
     auth_token: str | None = None
-    """If set, every RPC but health checks needs metadata ``authorization: Bearer <token>``."""
+    """If set, every RPC but health checks needs metadata ``authorization: Bearer <token>``;
+    at least ``MIN_TOKEN_CHARS`` (8) characters."""
     tls_cert: Path | None = None
     """PEM server certificate chain; with ``tls_key`` turns TLS on."""
     tls_key: Path | None = None
@@ -204,8 +214,8 @@ class ServerConfig:
         _check(self.grace_s >= 0, "server.grace_s must be >= 0")
         _check(self.retry_after_ms >= 0, "server.retry_after_ms must be >= 0")
         _check(
-            self.auth_token is None or len(self.auth_token) >= 8,
-            "server.auth_token must be at least 8 characters",
+            self.auth_token is None or len(self.auth_token) >= MIN_TOKEN_CHARS,
+            f"server.auth_token must be at least {MIN_TOKEN_CHARS} characters",
         )
         _check(
             (self.tls_cert is None) == (self.tls_key is None),

@@ -39,6 +39,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 _HEALTH_POLL_S = 0.25
 
 
+class BindError(RuntimeError):
+    """A port could not be bound; the message names it and the setting that changes it."""
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -269,9 +273,19 @@ class RewardServer:
         if metrics is not None:
             from prometheus_client import start_http_server
 
-            self._metrics_httpd, _ = start_http_server(
-                config.metrics_port, addr=config.host, registry=metrics.registry
-            )
+            try:
+                self._metrics_httpd, _ = start_http_server(
+                    config.metrics_port, addr=config.host, registry=metrics.registry
+                )
+            except OSError as e:
+                self.grpc_server.stop(0)
+                self.pool.close(drain=False)
+                raise BindError(
+                    f"could not bind the Prometheus metrics port {config.host}:"
+                    f"{config.metrics_port} ({e.strerror or e}); choose another with "
+                    "--metrics-port (ServerConfig.metrics_port; 0 picks a free one) or turn "
+                    "metrics off with --no-metrics (metrics_port=None)"
+                ) from e
             self.metrics_port = self._metrics_httpd.server_port
         self._health_thread = threading.Thread(
             target=self._watch_health, name="fipo-health", daemon=True
@@ -313,12 +327,19 @@ class RewardServer:
         )
         address = f"{config.host}:{config.port}"
         creds = server_credentials(config)
-        if creds is None:
-            port = self.grpc_server.add_insecure_port(address)
-        else:
-            port = self.grpc_server.add_secure_port(address, creds)
+        try:  # grpcio raises RuntimeError on a failed bind; older versions returned 0
+            if creds is None:
+                port = self.grpc_server.add_insecure_port(address)
+            else:
+                port = self.grpc_server.add_secure_port(address, creds)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise RuntimeError(f"could not bind {address} (in use or not a local address)")
+            raise BindError(
+                f"could not bind the gRPC port {address} (already in use, or not a local "
+                "address); choose another with --port / --host (ServerConfig.port; 0 picks a "
+                "free one)"
+            )
         self.port = port
         self._set_health(True)
         self.grpc_server.start()
@@ -381,6 +402,9 @@ def create_server(config: ServerConfig | None = None) -> tuple[RewardServer, int
 
     Returns:
         ``(server, port)``: the running server (call ``server.stop()``) and its gRPC port.
+
+    Raises:
+        BindError: The gRPC or the metrics port could not be bound (the message names it).
     """
     server = RewardServer(config or ServerConfig())
     return server, server.port
