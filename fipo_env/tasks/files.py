@@ -10,15 +10,20 @@ Column layouts handled (auto-detected, or named explicitly):
 
 Nothing is downloaded: paths must exist locally. Heavy readers (``pyarrow``,
 ``datasets``) are imported only when a file of that kind is read.
+
+Rows are numbered from 1 in every message and in ``Problem.meta["row"]``; in a JSON-lines
+file a row's number is its line number (blank lines count as lines, so an editor's line
+number finds it). Messages name the full path.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fipo_env.tasks.types import ListTask, Problem, check_split, in_split
 from server.types import AnswerFormat
@@ -108,13 +113,35 @@ def canonical_question(text: str) -> str:
     return "file:" + " ".join(text.split()).lower()
 
 
+class BadRow(NamedTuple):
+    """A row that could not be read as an object (e.g. an invalid JSON line)."""
+
+    reason: str
+
+
 def read_rows(path: str | Path, hf_split: str | None = None) -> Iterable[Mapping[str, Any]]:
     """Yield the rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.arrow`` file or a
     ``datasets.save_to_disk`` folder, as mappings.
 
     Raises:
         FileNotFoundError: The path does not exist.
-        ValueError: Unknown file type or malformed JSON (the line number is named).
+        ValueError: Unknown file type or malformed JSON (the path and row are named).
+    """
+    for n, row in numbered_rows(path, hf_split):
+        if isinstance(row, BadRow):
+            raise ValueError(f"{Path(path)} row {n}: {row.reason}")
+        yield row
+
+
+def numbered_rows(
+    path: str | Path, hf_split: str | None = None
+) -> Iterator[tuple[int, Mapping[str, Any] | BadRow]]:
+    """Yield ``(row number from 1, row)``; a row that is not an object comes as ``BadRow``.
+
+    Raises:
+        FileNotFoundError: The path does not exist.
+        ValueError: Unknown file type, a DatasetDict without ``hf_split``, or a ``.json``
+            file that is neither a list of rows nor JSON lines.
     """
     p = Path(path)
     if not p.exists():
@@ -131,7 +158,7 @@ def read_rows(path: str | Path, hf_split: str | None = None) -> Iterable[Mapping
             if hf_split not in ds:
                 raise ValueError(f"{p} has no split {hf_split!r}; it has {sorted(ds)}")
             ds = ds[hf_split]
-        return iter(ds)
+        return _objects(ds)
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(p)
@@ -145,30 +172,45 @@ def read_rows(path: str | Path, hf_split: str | None = None) -> Iterable[Mapping
             data = data.get("data", data.get("rows", data))
         if not isinstance(data, list):
             raise ValueError(f"{p}: expected a JSON list of rows or JSON lines")
-        return iter(data)
+        return _objects(data)
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # optional
 
-        return iter(pq.read_table(p).to_pylist())
+        return _objects(pq.read_table(p).to_pylist())
     if suffix == ".arrow":
         import datasets  # optional
 
-        return iter(datasets.Dataset.from_file(str(p)))
+        return _objects(datasets.Dataset.from_file(str(p)))
     raise ValueError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .arrow)")
 
 
-def _read_jsonl(p: Path) -> Iterable[Mapping[str, Any]]:
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+def _objects(rows: Iterable[Any]) -> Iterator[tuple[int, Mapping[str, Any] | BadRow]]:
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, Mapping):
+            yield n, row
+        else:
+            yield n, BadRow(f"expected an object, got {type(row).__name__}")
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[int, Mapping[str, Any] | BadRow]]:
+    with p.open("rb") as f:  # decoded line by line: one undecodable line is one bad row
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, BadRow(f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+                yield lineno, BadRow(f"invalid JSON ({e.msg})")
+                continue
             if not isinstance(row, Mapping):
-                raise ValueError(f"{p}:{lineno}: each line must be a JSON object")
-            yield row
+                yield lineno, BadRow("each line must be a JSON object")
+                continue
+            yield lineno, row
 
 
 def _pick(row: Mapping[str, Any], explicit: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -201,12 +243,16 @@ def load_problems(
         split: ``"all"``, or the hash split ``"train"`` / ``"eval"`` of the problems.
         eval_fraction: Share of the hash space that is ``eval``.
         hf_split: Which split of a ``DatasetDict`` folder to read.
-        on_bad_row: ``"error"`` (default) raises naming the row and column; ``"skip"``
-            drops rows without a usable question or answer.
+        on_bad_row: ``"error"`` (default) raises naming the file, row and column;
+            ``"skip"`` drops rows that are not valid JSON objects or have no usable
+            question or answer, and warns once with how many were skipped.
         deduplicate: Keep one problem per canonical question.
 
     Returns:
         The problems, in file order.
+
+    Raises:
+        ValueError: A bad row (with ``on_bad_row="error"``), or an unreadable file.
     """
     check_split(split, eval_fraction)
     if on_bad_row not in ("error", "skip"):
@@ -214,26 +260,16 @@ def load_problems(
     name = Path(path).name
     out: list[Problem] = []
     seen: set[str] = set()
-    for i, row in enumerate(read_rows(path, hf_split)):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"{name} row {i}: expected an object, got {type(row).__name__}")
-        pk = _pick(row, problem_key, PROBLEM_KEYS)
-        ak = _pick(row, answer_key, ANSWER_KEYS)
-        question = extract_question(row[pk]) if pk else None
-        golds = extract_gold(row[ak], ak) if ak else ()
-        if question is None or not golds:
-            if on_bad_row == "skip":
-                continue
-            what = (
-                f"no question column (looked for {problem_key or PROBLEM_KEYS})"
-                if pk is None
-                else f"no answer column (looked for {answer_key or ANSWER_KEYS})"
-                if ak is None
-                else f"empty or unusable question in column {pk!r}"
-                if question is None
-                else f"no usable gold answer in column {ak!r}"
-            )
-            raise ValueError(f"{name} row {i}: {what}; columns are {sorted(row)}")
+    skipped: list[str] = []
+    for n, row in numbered_rows(path, hf_split):
+        problem = None if isinstance(row, BadRow) else _problem(row, problem_key, answer_key)
+        if isinstance(problem, str) or isinstance(row, BadRow):
+            reason = row.reason if isinstance(row, BadRow) else problem
+            if on_bad_row == "error":
+                raise ValueError(f"{Path(path)} row {n}: {reason}")
+            skipped.append(f"row {n}: {reason}")
+            continue
+        question, golds = problem
         canonical = canonical_question(question)
         if deduplicate:
             if canonical in seen:
@@ -248,10 +284,38 @@ def load_problems(
                 canonical=canonical,
                 answer_format=answer_format,
                 source=f"file/{name}",
-                meta={"row": i},
+                meta={"row": n},
             )
         )
+    if skipped:
+        warnings.warn(
+            f"{Path(path)}: skipped {len(skipped)} bad row(s) (on_bad_row='skip'); first: "
+            f"{skipped[0]}",
+            stacklevel=2,
+        )
     return out
+
+
+def _problem(
+    row: Mapping[str, Any], problem_key: str | None, answer_key: str | None
+) -> tuple[str, tuple[str, ...]] | str:
+    """``(question, golds)`` of a row, or what is wrong with it."""
+    pk = _pick(row, problem_key, PROBLEM_KEYS)
+    ak = _pick(row, answer_key, ANSWER_KEYS)
+    question = extract_question(row[pk]) if pk else None
+    golds = extract_gold(row[ak], ak) if ak else ()
+    if question is not None and golds:
+        return question, golds
+    what = (
+        f"no question column (looked for {problem_key or PROBLEM_KEYS})"
+        if pk is None
+        else f"no answer column (looked for {answer_key or ANSWER_KEYS})"
+        if ak is None
+        else f"empty or unusable question in column {pk!r}"
+        if question is None
+        else f"no usable gold answer in column {ak!r}"
+    )
+    return f"{what}; columns are {sorted(row)}"
 
 
 def file_task(path: str | Path, **kwargs: Any) -> ListTask:

@@ -206,11 +206,12 @@ def test_file_loader_splits_dedups_and_errors(tmp_path):
     assert not {p.canonical for p in tr} & {p.canonical for p in ev}
 
     _write_jsonl(tmp_path / "bad.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "x?"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl row 1: no answer column"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 2: no answer column"):
         load_problems(tmp_path / "bad.jsonl")
-    assert len(load_problems(tmp_path / "bad.jsonl", on_bad_row="skip")) == 1
+    with pytest.warns(UserWarning, match=r"skipped 1 bad row"):
+        assert len(load_problems(tmp_path / "bad.jsonl", on_bad_row="skip")) == 1
     (tmp_path / "broken.jsonl").write_text('{"problem": "a", "answer": "1"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl row 2: invalid JSON"):
         load_problems(tmp_path / "broken.jsonl")
     with pytest.raises(FileNotFoundError):
         load_problems(tmp_path / "missing.jsonl")
@@ -220,6 +221,31 @@ def test_file_loader_splits_dedups_and_errors(tmp_path):
     _write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="no problems"):
         make_task(f"file:{tmp_path / 'empty.jsonl'}", split="all")
+
+
+def test_bad_rows_one_numbering_full_path_and_skip_means_skip(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"problem": "1+1?", "answer": "2"}\n'
+        b"\n"  # a blank line still counts as a line
+        b"{oops\n"  # row 3: invalid JSON
+        b'["not", "an", "object"]\n'  # row 4
+        b'{"problem": "\xff\xfe?", "answer": "1"}\n'  # row 5: not UTF-8
+        b'{"problem": "x?"}\n'  # row 6: no answer column
+        b'{"problem": "2+2?", "answer": "4"}\n'  # row 7
+    )
+    with pytest.raises(ValueError) as e:
+        load_problems(path)
+    assert str(e.value).startswith(f"{path} row 3: invalid JSON")
+    with pytest.warns(UserWarning, match=r"skipped 4 bad row\(s\).*first: row 3: invalid JSON"):
+        problems = load_problems(path, on_bad_row="skip")
+    assert [(p.question, p.meta["row"]) for p in problems] == [("1+1?", 1), ("2+2?", 7)]
+    # Rows of non-line formats are numbered from 1 as well.
+    (tmp_path / "rows.json").write_text(json.dumps([{"problem": "a?", "answer": "1"}, 5]))
+    with pytest.raises(ValueError, match=r"rows.json row 2: expected an object, got int"):
+        load_problems(tmp_path / "rows.json")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert len(load_problems(tmp_path / "rows.json", on_bad_row="skip")) == 1
 
 
 def test_list_task_and_last_boxed():
