@@ -65,13 +65,15 @@ def check_item(item: ScoreItem, limits: Limits) -> Rejection | None:
     for i, gold in enumerate(item.golds):
         if not isinstance(gold, str):
             return Status.INVALID, f"gold[{i}] must be a string"
-        if not gold.strip():
-            return Status.INVALID, f"gold[{i}] is empty"
         if len(gold) > limits.max_gold_chars:
             return (
                 Status.INPUT_TOO_LARGE,
                 f"gold[{i}] has {len(gold)} characters; limit is {limits.max_gold_chars}",
             )
+    # Any gold matching counts, so an empty gold beside real ones is just one that never
+    # matches (the verifier cannot parse it); only an item with no real gold is malformed.
+    if not any(gold.strip() for gold in item.golds):
+        return Status.INVALID, f"every gold answer is empty (golds={item.golds!r})"
     bad = _check_fields(item)
     if bad:
         return Status.INVALID, bad

@@ -45,6 +45,7 @@ from server.types import AnswerFormat, ScoreItem, Status
 
 MAX_REPORTED_CHARS = 1_000
 _CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_CHOICE_GOLD = re.compile(r"^\(?([A-Za-z])\)?$")  # a choice gold: "b", "B", "(b)"
 _CHOICE_FALLBACK = re.compile(r"\\boxed\{\s*\(?([A-Z])\)?\s*\}|\(([A-Z])\)|\*\*([A-Z])\*\*")
 _TAIL_CONTEXT = 1_000  # characters kept before the last \\boxed when parsing the tail first
 _DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\begin")
@@ -323,6 +324,9 @@ class Verifier:
             self._gold_cache.move_to_end(key)
             return cached, True
         text = gold.strip()
+        choice = _CHOICE_GOLD.match(text) if fmt is AnswerFormat.CHOICE else None
+        if choice:  # math-verify's string patterns match only the bare capitals it was given
+            text = choice[1].upper()
         if fmt is AnswerFormat.LATEX and not any(d in text for d in _DELIMITERS):
             # A bare gold such as `1-\frac{1}{e}` is one math expression; without delimiters the
             # LaTeX extractor finds nothing and the fallback keeps only the leading `1`.

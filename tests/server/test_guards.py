@@ -60,6 +60,7 @@ def test_item_fields():
     cases = {
         "no gold": ScoreItem("a", "x", ()),
         "empty gold": ScoreItem("a", "x", ("  ",)),
+        "only empty golds": ScoreItem("a", "x", ("", " ")),
         "negative deadline": ScoreItem("a", "x", ("1",), deadline_s=-1.0),
         "buffer > max": ScoreItem("a", "x", ("1",), max_response_tokens=5, overlong_buffer=9),
         "too many golds": ScoreItem("a", "x", tuple("1" * 17)),
@@ -67,6 +68,8 @@ def test_item_fields():
     for what, it in cases.items():
         rej = check_item(it, L)
         assert rej is not None and rej[0] is Status.INVALID, what
+    # Any gold matching counts: an empty one beside a real one is not an error.
+    assert check_item(ScoreItem("a", "x", ("4", "")), L) is None
     big = check_item(ScoreItem("a", "x" * (L.max_response_chars + 1), ("1",)), L)
     assert big is not None and big[0] is Status.INPUT_TOO_LARGE and "limit" in big[1]
     big_gold = check_item(ScoreItem("a", "x", ("1" * (L.max_gold_chars + 1),)), L)

@@ -40,6 +40,31 @@ def test_any_gold_matches(pool):
     assert r.status is Status.OK
 
 
+def test_an_empty_gold_beside_real_ones_is_ignored(pool):
+    right, wrong, all_empty = pool.score(
+        [
+            item("\\boxed{4}", ("4", ""), id="right"),
+            item("\\boxed{5}", ("", "4"), id="wrong"),
+            item("\\boxed{4}", ("", "  "), id="all-empty"),
+        ]
+    )
+    assert right.status is Status.OK, right
+    assert wrong.status is Status.WRONG, wrong
+    assert all_empty.status is Status.INVALID and "every gold answer is empty" in all_empty.message
+
+
+@pytest.mark.parametrize("gold", ["b", "B", "(b)", "(B)", " b "])
+def test_a_choice_gold_may_be_lower_case(pool, gold):
+    ok, wrong = pool.score(
+        [
+            item("The answer is (B).", gold, answer_format=AnswerFormat.CHOICE, id="ok"),
+            item("Answer: C", gold, answer_format=AnswerFormat.CHOICE, id="wrong"),
+        ]
+    )
+    assert ok.status is Status.OK, ok
+    assert wrong.status is Status.WRONG, wrong
+
+
 # The known wrong verdicts of math-verify 0.9.0 (docs/server.md, "Known wrong verdicts").
 @pytest.mark.parametrize(
     "response,gold",
