@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.types import AnswerFormat, RewardScheme
+
+E = TypeVar("E", bound=enum.Enum)
 
 # SmolLM2-135M-Instruct rarely writes \boxed{} on its own; asking for it in the prompt while
 # the verifier also accepts a plain final number (the LATEX format's response extraction
@@ -55,8 +59,10 @@ class EnvConfig:
             part of the response. ``None`` uses the tokenizer's EOS token.
         answer_format: Format the verifier extracts answers in; ``None`` uses each
             problem's own format (LaTeX golds for the built-in tasks, whose response
-            extraction accepts ``\\boxed{}`` first and a plain final number too).
-        reward_scheme: Binary 0/1 or signed +-1 verdict reward.
+            extraction accepts ``\\boxed{}`` first and a plain final number too). A name
+            (``"latex"``, ``"expr"``, ``"choice"``) is accepted too.
+        reward_scheme: Binary 0/1 or signed +-1 verdict reward (a ``RewardScheme`` or its
+            name, ``"binary"`` / ``"signed"``).
         overlong_buffer: ``L_buf`` of DAPO's soft overlong penalty, applied by the verifier
             (``server.types.ScoreItem``); ``None`` turns the penalty off.
         verify_deadline_s: Per-item verification deadline passed to the verifier; ``None``
@@ -99,9 +105,27 @@ class EnvConfig:
             raise ValueError(f"verify_deadline_s must be positive, got {self.verify_deadline_s}")
         if self.max_redraws < 1:
             raise ValueError(f"max_redraws must be >= 1, got {self.max_redraws}")
+        # Names are accepted as in the trainer's config ("signed", "latex"); stored as enums.
+        if isinstance(self.answer_format, str):
+            object.__setattr__(self, "answer_format", _enum(AnswerFormat, self.answer_format))
+        if isinstance(self.reward_scheme, str):
+            object.__setattr__(self, "reward_scheme", _enum(RewardScheme, self.reward_scheme))
         if not isinstance(self.answer_format, AnswerFormat | None):
             raise ValueError(
-                f"answer_format must be an AnswerFormat or None, got {self.answer_format!r}"
+                f"answer_format must be an AnswerFormat, one of "
+                f"{[m.value for m in AnswerFormat]} or None, got {self.answer_format!r}"
             )
         if not isinstance(self.reward_scheme, RewardScheme):
-            raise ValueError(f"reward_scheme must be a RewardScheme, got {self.reward_scheme!r}")
+            raise ValueError(
+                f"reward_scheme must be a RewardScheme or one of "
+                f"{[m.value for m in RewardScheme]}, got {self.reward_scheme!r}"
+            )
+
+
+def _enum(kind: type[E], name: str) -> E | str:
+    """``kind`` member named ``name`` (any case: ``"signed"``, ``"SIGNED"``); else ``name``,
+    which the caller then rejects with a message listing what was expected."""
+    for member in kind:
+        if name.lower() in (member.value, member.name.lower()):
+            return member
+    return name

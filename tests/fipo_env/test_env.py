@@ -12,7 +12,7 @@ import fipo_env
 from fipo_env.config import EnvConfig, PromptTemplate
 from fipo_env.envs.math_reasoning import MathReasoningEnv
 from fipo_env.tasks import Problem
-from server.types import RewardScheme
+from server.types import AnswerFormat, RewardScheme
 
 
 def make_env(tok, verifier, **kw):
@@ -226,6 +226,11 @@ def test_config_and_prompt_limits_are_validated(tiny_tokenizer, local_verifier):
         EnvConfig(max_response_tokens=8, overlong_buffer=9)
     with pytest.raises(ValueError, match="stop_token_ids"):
         EnvConfig(stop_token_ids=(-1,))
+    # Names are accepted, as in the trainer's RolloutWorkerConfig, and stored as enums.
+    named = EnvConfig(reward_scheme="signed", answer_format="EXPR")
+    assert named.reward_scheme is RewardScheme.SIGNED and named.answer_format is AnswerFormat.EXPR
+    with pytest.raises(ValueError, match=r"reward_scheme must be .*'binary', 'signed'.*'plus'"):
+        EnvConfig(reward_scheme="plus")
     env = make_env(tiny_tokenizer, local_verifier, max_prompt_tokens=8)
     with pytest.raises(ValueError, match="longer than max_prompt_tokens=8"):
         env.reset(seed=0)
