@@ -51,9 +51,10 @@ class MathReasoningVectorEnv(VectorEnv):
             ``DISABLED`` (call ``reset(options={"reset_mask": mask})`` yourself).
         copy_obs: Return copies of the observation buffers (``False`` returns views that
             the next call overwrites; faster for a consumer that reads them at once).
+        render_mode: ``None`` or ``"ansi"`` (``render()`` returns one text per sub-env).
     """
 
-    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(
         self,
@@ -66,8 +67,12 @@ class MathReasoningVectorEnv(VectorEnv):
         group_size: int = 1,
         autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
         copy_obs: bool = True,
+        render_mode: str | None = None,
         **config_overrides: Any,
     ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.render_mode = render_mode
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
         if not isinstance(group_size, int) or group_size < 1 or num_envs % group_size:
@@ -228,6 +233,16 @@ class MathReasoningVectorEnv(VectorEnv):
             consumed[i] = n
             stopped[i] = stop_at >= 0
         return self._after_step(active, stopped, consumed, reset_now)
+
+    def render(self) -> tuple[str, ...] | None:
+        """``ansi``: per sub-env, its problem and the response decoded so far."""
+        if self.render_mode != "ansi" or not self._started:
+            return None
+        return tuple(
+            f"Q: {p.question if p is not None else ''}\nA: "
+            + self.tokenizer.decode(self._response[i, : self._response_len[i]].tolist())
+            for i, p in enumerate(self._problems)
+        )
 
     def close_extras(self, **kwargs: Any) -> None:
         """Close the verifier if this env created it."""

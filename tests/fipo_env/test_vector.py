@@ -49,6 +49,20 @@ def test_make_vec_builds_the_native_vector_env(tiny_tokenizer, local_verifier):
     venv.close()
 
 
+def test_make_vec_accepts_render_mode_ansi_like_the_single_env(tiny_tokenizer, local_verifier):
+    venv = make_vec(tiny_tokenizer, local_verifier, n=2, render_mode="ansi")
+    assert venv.render_mode == "ansi" and venv.render() is None  # nothing to show before reset
+    _, infos = venv.reset(seed=0)
+    venv.step_tokens([encode(tiny_tokenizer, "so"), []])
+    frames = venv.render()
+    assert len(frames) == 2
+    assert frames[0] == f"Q: {infos['problem'][0]}\nA: so"
+    assert frames[1] == f"Q: {infos['problem'][1]}\nA: "
+    venv.close()
+    with pytest.raises(ValueError, match="render_mode"):
+        make_vec(tiny_tokenizer, local_verifier, n=2, render_mode="human")
+
+
 def test_vector_episodes_match_single_env_and_score_in_one_batch(tiny_tokenizer, local_verifier):
     n = 6
     scorer = CountingScorer(local_verifier)
