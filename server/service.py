@@ -253,6 +253,9 @@ class RewardServer:
         self.config = config
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
+        # Held while the health status is decided, so the watcher never reports the drain
+        # (stop() does) nor sets SERVING again after stop() set NOT_SERVING.
+        self._health_lock = threading.Lock()
         self._metrics_httpd = None
         metrics = None
         if config.metrics_port is not None:
@@ -356,12 +359,15 @@ class RewardServer:
     def _watch_health(self) -> None:
         last = None
         while not self._stopped.wait(_HEALTH_POLL_S):
-            serving = not self.servicer.draining.is_set() and self.pool.live_workers() > 0
-            if serving != last:
-                self._set_health(serving)
-                if last is not None:
-                    log.warning("health changed", extra={"serving": serving})
-                last = serving
+            with self._health_lock:
+                if self.servicer.draining.is_set():
+                    return  # stop() set NOT_SERVING and logged "draining"
+                serving = self.pool.live_workers() > 0
+                if serving != last:
+                    self._set_health(serving)
+                    if last is not None:
+                        log.warning("health changed", extra={"serving": serving})
+                    last = serving
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, refuse new RPCs, finish in-flight ones, stop workers.
@@ -373,8 +379,9 @@ class RewardServer:
             return
         grace = self.config.grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
-        self.servicer.draining.set()
-        self._set_health(False)
+        with self._health_lock:
+            self.servicer.draining.set()
+            self._set_health(False)
         self._stopped.set()
         self.grpc_server.stop(grace).wait()
         self.pool.close(drain=True, timeout=grace)

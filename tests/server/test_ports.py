@@ -1,16 +1,20 @@
-"""Ports: the library never takes a fixed metrics port by default; a taken port is named."""
+"""Starting and stopping a server: no fixed metrics port by default in the library, a taken
+port is named with its flag, and stop() logs no stray health change."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import pytest
 
+from server import service
 from server.config import DEFAULT_METRICS_PORT, PoolConfig, ServerConfig
 from server.service import BindError, create_server
 
@@ -66,3 +70,28 @@ def test_cli_on_a_taken_port_prints_one_line_not_a_traceback():
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors[-1].startswith("fipo-reward-server: error: could not bind the gRPC port")
     assert f"127.0.0.1:{port}" in errors[-1] and "--port" in errors[-1]
+
+
+def test_stopping_is_not_reported_as_a_health_change(monkeypatch):
+    """The watcher used to log a stray "health changed" when it polled mid-stop()."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("server.service")
+    logger.addHandler(handler)
+    monkeypatch.setattr(service, "_HEALTH_POLL_S", 0.01)
+    srv, _ = create_server(ServerConfig(port=0, metrics_port=None, pool=PoolConfig(workers=1)))
+    time.sleep(0.2)  # let the watcher take its first look (it reports changes after that)
+    set_health = srv._set_health
+
+    def slow_set_health(serving: bool) -> None:
+        if not serving:
+            time.sleep(0.2)  # widen stop()'s window: the watcher polls 20 times meanwhile
+        set_health(serving)
+
+    srv._set_health = slow_set_health
+    try:
+        srv.stop(grace=0)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.getMessage() == "health changed"] == []
