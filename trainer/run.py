@@ -287,9 +287,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
 
     stopper = _Stopper()
     stopper.install()
+    model_dir = resolve_model_dir(cfg.model.path)  # before the run folder: none left on error
     run_dir = make_run_dir(cfg, resume)
     save_yaml(cfg, run_dir / "config.yaml")
-    model_dir = resolve_model_dir(cfg.model.path)
     learner_cpus = parse_cpus(cfg.rollout.learner_cpus)
     if learner_cpus:
         os.sched_setaffinity(0, learner_cpus)

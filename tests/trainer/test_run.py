@@ -85,6 +85,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
     result = _run([f"run.out_dir={tmp_path}", "--model", str(tmp_path / "nope")], timeout=120)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "never downloaded" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "a failed --model check left a run folder behind"
 
 
 def test_unreachable_reward_server_is_a_clear_error(tmp_path: Path) -> None:
