@@ -45,9 +45,12 @@ class ModelConfig:
     downloaded from a hub."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Learner device; ``auto`` picks CUDA when available."""
-    autocast_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    autocast_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype of the learner's forward/backward (master weights stay fp32).
-    bf16 autocast is ~2x faster on CPUs with AVX-512 bf16."""
+    ``auto``: bf16 where the hardware multiplies it natively (AVX-512 BF16 / AMX CPUs,
+    bf16 GPUs; ~2x faster than fp32 there), fp32 elsewhere (on an AVX2 CPU bf16 is
+    emulated and ~40x slower). The choice and its reason are printed at start and
+    written to the run's ``config.yaml``."""
     num_threads: int = 1
     """Torch intra-op threads of the learner; 0 keeps torch's default (all cores). On a
     small shared CPU one thread is several times faster than two: OpenMP threads spin at
@@ -143,7 +146,12 @@ class RolloutConfig:
     SECTION: ClassVar[str] = "rollout"
 
     engine: Literal["auto", "vllm", "hf"] = "auto"
-    """Generation engine: vLLM, Hugging Face ``generate``, or ``auto`` (vLLM if installed)."""
+    """Generation engine: vLLM, Hugging Face ``generate``, or ``auto``: vLLM if installed,
+    falling back to ``generate`` (with a one-line warning saying why) if vLLM cannot
+    start. ``vllm`` fails loudly instead."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Rollout engine dtype. ``auto``: bf16 where the hardware multiplies it natively,
+    fp32 on CPUs without native bf16 (see ``model.autocast_dtype``)."""
     prompts_per_step: int = 8
     """Prompt groups per training step (after dynamic sampling)."""
     group_size: int = 8
@@ -163,8 +171,13 @@ class RolloutConfig:
     max_sampling_rounds: int = 3
     """Bound on generation rounds used to fill one batch under dynamic sampling."""
     gpu_memory_utilization: float = 0.15
-    """vLLM memory fraction for weights + KV cache (on CPU: of the NUMA node, ~11 GiB
-    here; vLLM's 0.92 default fails when anything else runs)."""
+    """GPU only: vLLM's share of GPU memory for weights + KV cache."""
+    kv_cache_gib: float = 0.0
+    """vLLM's KV cache in GiB; 0 = sized for one rollout round (prompts_per_step x
+    group_size sequences of prompt + response tokens) on CPU, and what
+    ``gpu_memory_utilization`` leaves on GPU. A fixed size in bytes starts on a machine
+    where other programs hold memory; too little free memory is refused at start with
+    what was needed and what was free."""
     worker_cpus: str = ""
     """Comma-separated CPU ids the rollout worker is pinned to (empty: no pinning)."""
     learner_cpus: str = ""
@@ -177,6 +190,12 @@ class RolloutConfig:
     """math-verify worker processes of the reward server started by the trainer."""
     batch_timeout_s: float = 1800.0
     """How long the learner waits for one rollout batch before failing clearly."""
+    start_timeout_s: float = 900.0
+    """How long the learner waits for the rollout engine to start (a cold vLLM start on
+    a slow CPU takes minutes) before failing clearly."""
+    request_timeout_s: float = 600.0
+    """Longest wait for a weight sync; also the base of an eval request's wait, which
+    grows with the tokens it asks for (at 2 tokens/s, far below any measured rate)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -249,7 +268,11 @@ class RolloutConfig:
             "must be > 0",
             self.reward_connect_timeout_s,
         )
-        _check(self.batch_timeout_s > 0, s, "batch_timeout_s", "must be > 0", self.batch_timeout_s)
+        for name in ("batch_timeout_s", "start_timeout_s", "request_timeout_s"):
+            _check(getattr(self, name) > 0, s, name, "must be > 0", getattr(self, name))
+        _check(
+            self.kv_cache_gib >= 0, s, "kv_cache_gib", "must be >= 0 (0 = auto)", self.kv_cache_gib
+        )
 
 
 @dataclass(frozen=True)
@@ -693,8 +716,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def save_yaml(config: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config (loadable again with ``--config``)."""
+def save_yaml(config: TrainConfig, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config (loadable again with ``--config``), ``comment`` on top."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    Path(path).write_text(head + yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -100,7 +100,7 @@ class SourceGreedyGenerator:
 
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=0.0,
                                   stop_token_ids=self.stop_ids)  # fmt: skip
-        generations, _ = self.source.generate(prompts, 1, sampling)
+        generations, _ = self.source.generate(prompts, 1, sampling, phase="eval")
         return [list(g[0].token_ids) for g in generations]
 
 

@@ -33,6 +33,7 @@ import torch
 from trainer.config import AlgorithmConfig, ConfigError, TrainConfig
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_batch, pack, partition
+from trainer.precision import resolve as resolve_precision
 from trainer.types import RolloutBatch
 
 
@@ -105,6 +106,10 @@ class Learner:
         self.loss_config = loss_config
         self.pad_id = pad_id
         self.device = resolve_device(config.model.device)
+        # "auto" -> bf16 only where the hardware multiplies it natively (trainer.precision).
+        self.autocast_dtype = resolve_precision(
+            "float32", config.model.autocast_dtype, self.device.type
+        ).autocast_dtype
         self.model = load_policy(model_dir, self.device, config.model.gradient_checkpointing)
         # The shared-prompt layout (trainer.packing) runs on block attention.
         self.shared_prompt = config.model.share_prompt
@@ -138,7 +143,7 @@ class Learner:
     # --- forward passes -------------------------------------------------------------
 
     def _autocast(self):
-        if self.config.model.autocast_dtype == "bfloat16":
+        if self.autocast_dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

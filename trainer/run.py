@@ -192,7 +192,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rollout_worker_config(cfg: TrainConfig, model_dir: Path, verifier: str):
+def resolve_precision(cfg: TrainConfig):
+    """Replace ``auto`` dtypes by this machine's choice; return ``(config, Precision)``."""
+    import dataclasses
+
+    from trainer.precision import resolve
+
+    p = resolve(cfg.rollout.dtype, cfg.model.autocast_dtype, cfg.model.device)
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, autocast_dtype=p.autocast_dtype),
+        rollout=dataclasses.replace(cfg.rollout, dtype=p.engine_dtype),
+    )
+    return cfg, p
+
+
+def rollout_worker_config(
+    cfg: TrainConfig, model_dir: Path, verifier: str, log_file: str | Path = ""
+):
     """The rollout helper's worker config, from ours."""
     from trainer.engines.base import EngineConfig
     from trainer.engines.rollout import RolloutWorkerConfig
@@ -202,8 +219,11 @@ def rollout_worker_config(cfg: TrainConfig, model_dir: Path, verifier: str):
     engine = EngineConfig(
         model_dir=str(model_dir),
         kind=r.engine,
+        dtype=r.dtype,
         seed=cfg.run.seed,
         gpu_memory_utilization=r.gpu_memory_utilization,
+        kv_cache_gib=r.kv_cache_gib,
+        max_num_seqs=r.prompts_per_step * r.group_size,
         max_model_len=max_prompt + max(r.max_response_tokens, cfg.eval_max_tokens),
     )
     return RolloutWorkerConfig(
@@ -223,6 +243,9 @@ def rollout_worker_config(cfg: TrainConfig, model_dir: Path, verifier: str):
         max_staleness=r.max_staleness,
         seed=cfg.task.seed,
         cpus=parse_cpus(r.worker_cpus),
+        start_timeout_s=r.start_timeout_s,
+        request_timeout_s=r.request_timeout_s,
+        log_file=str(log_file),
     )
 
 
@@ -288,8 +311,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     stopper = _Stopper()
     stopper.install()
     model_dir = resolve_model_dir(cfg.model.path)  # before the run folder: none left on error
+    cfg, precision = resolve_precision(cfg)
     run_dir = make_run_dir(cfg, resume)
-    save_yaml(cfg, run_dir / "config.yaml")
+    save_yaml(cfg, run_dir / "config.yaml", comment=f"precision: {precision.reason}")
     learner_cpus = parse_cpus(cfg.rollout.learner_cpus)
     if learner_cpus:
         os.sched_setaffinity(0, learner_cpus)
@@ -300,6 +324,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     seed_everything(cfg.run.seed)
     print(f"[fipo] run folder {run_dir}  model {model_dir}  algorithm {cfg.algorithm.name}",
           flush=True)  # fmt: skip
+    print(f"[fipo] precision: rollout engine {cfg.rollout.dtype}, learner "
+          f"{cfg.model.autocast_dtype} ({precision.reason})", flush=True)  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         # Reward server: an existing address, or our own subprocess (stopped at the end).
@@ -326,14 +352,20 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
 
         # Rollout worker (engine + env + verifier in its own process) and weight publisher.
         source = ProcessRolloutSource(
-            rollout_worker_config(cfg, model_dir, address),
+            rollout_worker_config(cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"),
             initial_version=learner.version,
             initial_weights=learner.hf_state_dict() if learner.version else None,
             autostart=False,  # the first eval runs before rollouts compete for the CPU
         )
         stack.callback(source.close)
+        t_engine = time.perf_counter()
         with stopper.interruptible():
             source.wait_ready()
+        if source.engine_note:
+            print(f"[fipo] warning: {source.engine_note}", flush=True)
+        print(f"[fipo] rollout engine {source.engine_kind} ready in "
+              f"{time.perf_counter() - t_engine:.0f} s (its log: "
+              f"{run_dir / 'rollout_worker.log'})", flush=True)  # fmt: skip
         busy_threads = torch.get_num_threads()
         idle_threads = cfg.model.idle_threads or len(os.sched_getaffinity(0))
         if idle_threads != busy_threads:  # every core while the worker waits

@@ -29,8 +29,10 @@ from trainer.engines import (  # noqa: E402
     RolloutWorkerConfig,
     RolloutWorkerError,
     SamplingConfig,
+    vllm_available,
 )
 from trainer.engines.rollout import build_groups, keep_informative  # noqa: E402
+from trainer.engines.source import RolloutTimeoutError  # noqa: E402
 from trainer.types import Generation, RolloutGroup  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
@@ -249,3 +251,78 @@ def test_killing_the_learner_takes_the_workers_children_down():
         for pid in pids if "pids" in locals() else []:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+# ---------------------------------------------------------------- failing clearly
+
+
+def test_kv_cache_is_sized_in_bytes_from_the_model(default_model_dir):
+    from trainer.engines.vllm_engine import cpu_kv_cache_bytes, kv_cache_bytes
+
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, a key and a value, 2 bytes in bf16.
+    assert kv_cache_bytes(default_model_dir, 1, "bfloat16") == 2 * 30 * 3 * 64 * 2
+    assert kv_cache_bytes(default_model_dir, 10, "float32") == 10 * 2 * 30 * 3 * 64 * 4
+    cfg = EngineConfig(model_dir=str(default_model_dir), max_num_seqs=64, max_model_len=352)
+    assert cpu_kv_cache_bytes(cfg, default_model_dir, "bfloat16") == 64 * 352 * 23040
+    fixed = EngineConfig(model_dir=str(default_model_dir), kv_cache_gib=0.5)
+    assert cpu_kv_cache_bytes(fixed, default_model_dir, "bfloat16") == 2**29
+
+
+def test_too_little_free_memory_is_refused_with_the_figures(tiny_dir):
+    from trainer.engines.vllm_engine import EngineStartError, check_free_memory
+
+    with pytest.raises(
+        EngineStartError, match=r"needs .* GiB .* only .* GiB is free.*kv_cache_gib"
+    ):
+        check_free_memory(2**50, tiny_dir)
+    check_free_memory(2**20, tiny_dir)  # a MiB always fits
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed: auto is HF already")
+def test_auto_engine_falls_back_to_hf_with_a_reason(tiny_dir, tmp_path):
+    """vLLM that cannot start (here: a KV cache larger than the machine) under
+    ``kind="auto"``: the worker runs HF ``generate`` and says why in one line; the
+    traceback goes to the worker's log file. ``kind="vllm"`` fails loudly instead."""
+    log = tmp_path / "worker.log"
+    huge = {"model_dir": str(tiny_dir), "dtype": "float32", "kv_cache_gib": 2.0**20}
+    source = ProcessRolloutSource(
+        worker_config(tiny_dir, engine=EngineConfig(kind="auto", **huge), log_file=str(log)),
+        autostart=False,
+    )
+    with source:
+        source.wait_ready(timeout_s=TIMEOUT_S)
+        assert source.engine_kind == "hf"
+        assert "falling back to Hugging Face generate" in source.engine_note
+        assert "needs" in source.engine_note and "\n" not in source.engine_note
+        out, _ = source.generate([[1, 2, 3]], 2, SamplingConfig(max_tokens=3))
+        assert len(out[0]) == 2
+    assert "EngineStartError" in log.read_text()
+
+    loud = ProcessRolloutSource(
+        worker_config(tiny_dir, engine=EngineConfig(kind="vllm", **huge), log_file=str(log)),
+        autostart=False,
+    )
+    with loud, pytest.raises(RolloutWorkerError, match="could not start(.|\n)*needs"):
+        loud.wait_ready(timeout_s=TIMEOUT_S)
+
+
+def test_a_worker_that_does_not_answer_in_time_names_phase_and_setting(tiny_dir):
+    source = ProcessRolloutSource(worker_config(tiny_dir), autostart=False)
+    with source:
+        with pytest.raises(RolloutTimeoutError, match=r"start-up within 0 s.*start_timeout_s"):
+            source.wait_ready(timeout_s=1e-6)
+        source.wait_ready(timeout_s=TIMEOUT_S)
+        prompts = [[1, 2, 3]] * 4
+        with pytest.raises(TimeoutError, match=r"its eval within 0 s.*request_timeout_s"):
+            source.generate(prompts, 1, SamplingConfig(max_tokens=3), timeout_s=1e-6, phase="eval")
+
+
+def test_a_generate_requests_wait_grows_with_the_work(tiny_dir):
+    from trainer.engines.source import MIN_TOKENS_PER_S, request_timeout
+
+    cfg = worker_config(tiny_dir, request_timeout_s=60.0)
+    assert request_timeout(cfg, prompts=1, n=1, max_tokens=1) == pytest.approx(
+        60 + 1 / MIN_TOKENS_PER_S
+    )
+    # 200 eval problems x 96 tokens: far more than the base wait.
+    assert request_timeout(cfg, prompts=200, n=1, max_tokens=96) == 60 + 200 * 96 / MIN_TOKENS_PER_S

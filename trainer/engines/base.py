@@ -66,12 +66,21 @@ class EngineConfig:
         model_dir: Local Hugging Face model directory (safetensors + config + tokenizer).
         kind: ``"vllm"``, ``"hf"`` (transformers ``generate``), or ``"auto"``: vLLM when
             the ``vllm`` package is importable, otherwise ``"hf"``.
-        dtype: Engine weights / compute dtype: ``"bfloat16"``, ``"float16"`` or
-            ``"float32"``. bf16 is the fast choice on AVX-512-bf16 CPUs and GPUs.
+        dtype: Engine weights / compute dtype: ``"bfloat16"``, ``"float16"``,
+            ``"float32"``, or ``"auto"``: bf16 where the hardware multiplies it natively
+            (AVX-512 BF16 / AMX CPUs, bf16 GPUs), fp32 on other CPUs, where bf16 is
+            emulated and ~40x slower (``trainer.precision``).
         seed: Sampling seed, given to the engine once (vLLM-CPU crashes on per-request
             seeds, so requests carry none).
-        gpu_memory_utilization: vLLM's share of device memory (on CPU: of the NUMA
-            node's memory) for weights + KV cache. Keep it low so the learner fits.
+        gpu_memory_utilization: vLLM's share of GPU memory for weights + KV cache. Keep
+            it low so the learner fits. Not used on CPU, where the KV cache is sized in
+            bytes (``kv_cache_gib``): a share of host memory fails as soon as other
+            programs hold some of it.
+        kv_cache_gib: vLLM's KV-cache size in GiB. ``0`` (default) on CPU: room for
+            ``max_num_seqs`` sequences of ``max_model_len`` tokens, computed from the
+            model's config; ``0`` on GPU: what ``gpu_memory_utilization`` leaves.
+        max_num_seqs: vLLM only: most sequences decoded together (one rollout round is
+            ``prompts x G`` sequences; more wait their turn).
         max_model_len: Longest prompt + response the engine must hold.
         enforce_eager: vLLM only: skip torch.compile (faster start, slower decoding).
         device: HF engine only: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
@@ -83,9 +92,11 @@ class EngineConfig:
 
     model_dir: str
     kind: EngineKind = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     seed: int = 0
     gpu_memory_utilization: float = 0.3
+    kv_cache_gib: float = 0.0
+    max_num_seqs: int = 64
     max_model_len: int = 2048
     enforce_eager: bool = False
     device: str = "auto"
@@ -95,21 +106,38 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "vllm", "hf"):
             raise ValueError(f"EngineConfig.kind must be 'auto', 'vllm' or 'hf', got {self.kind!r}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(
-                f"EngineConfig.dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}"
+                "EngineConfig.dtype must be 'auto', 'bfloat16', 'float16' or 'float32', "
+                f"got {self.dtype!r}"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 "EngineConfig.gpu_memory_utilization must be in (0, 1], "
                 f"got {self.gpu_memory_utilization}"
             )
+        if self.kv_cache_gib < 0:
+            raise ValueError(
+                f"EngineConfig.kv_cache_gib must be >= 0 (0 = sized automatically), "
+                f"got {self.kv_cache_gib}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"EngineConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"EngineConfig.cpu_threads must be >= 1, got {self.cpu_threads}")
+
+    def resolved_dtype(self) -> str:
+        """The dtype ``dtype="auto"`` stands for on this machine (see ``trainer.precision``)."""
+        if self.dtype != "auto":
+            return self.dtype
+        from trainer.precision import resolve
+
+        device = "auto" if self.resolved_kind() == "vllm" else self.device
+        return resolve(self.dtype, "float32", device).engine_dtype
 
     def resolved_kind(self) -> Literal["vllm", "hf"]:
         """The engine ``kind="auto"`` stands for on this machine."""

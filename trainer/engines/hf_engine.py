@@ -81,7 +81,7 @@ class HFEngine:
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=_DTYPES[cfg.dtype], local_files_only=True
+            str(model_dir), dtype=_DTYPES[cfg.resolved_dtype()], local_files_only=True
         ).to(self.device)
         self.model.eval()
         gen_cfg = self.model.generation_config

@@ -86,7 +86,11 @@ class RolloutWorkerConfig:
             gets an error.
         start_timeout_s: Longest wait for the engine to start (vLLM compiles the model
             on first use: minutes on a loaded CPU).
-        request_timeout_s: Longest wait for a weight sync or a ``generate`` request.
+        request_timeout_s: Longest wait for a weight sync, and the base of a ``generate``
+            request's wait (which grows with the tokens it asks for).
+        log_file: File that receives the worker's stdout and stderr (vLLM's and other
+            libraries' warnings and progress output); empty leaves them on the console.
+            Failures still reach the learner as ``RolloutWorkerError`` with the traceback.
     """
 
     engine: EngineConfig
@@ -110,6 +114,7 @@ class RolloutWorkerConfig:
     max_restarts: int = 3
     start_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
+    log_file: str = ""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -265,6 +270,27 @@ def keep_informative(groups: Sequence[RolloutGroup]) -> list[RolloutGroup]:
     return [g for g, k in zip(groups, keep, strict=True) if k]
 
 
+def start_engine(cfg: EngineConfig) -> tuple[Engine, str]:
+    """Build the engine; with ``kind="auto"``, fall back to HF ``generate`` if vLLM fails.
+
+    Returns:
+        ``(engine, note)``: ``note`` is empty, or one line saying why the fallback ran.
+    """
+    try:
+        return make_engine(cfg), ""
+    except Exception as exc:
+        if cfg.kind != "auto" or cfg.resolved_kind() != "vllm":
+            raise  # an explicit engine fails loudly
+        traceback.print_exc()  # the whole story goes to the worker's log
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+        note = (
+            f"vLLM could not start ({reason}); falling back to Hugging Face generate "
+            "(slower). Set rollout.engine=vllm to make this an error instead."
+        )
+        return make_engine(replace(cfg, kind="hf")), note
+
+
 class _Stop(Exception):
     """The learner side asked the worker to stop."""
 
@@ -283,7 +309,7 @@ class _Worker:
         self.next_batch = start.next_batch
         self.started = start.started
         self.restarts = start.restarts
-        self.engine: Engine = make_engine(cfg.engine)
+        self.engine, self.engine_note = start_engine(cfg.engine)
         self.version = start.version
         if start.weights_path is not None:
             self.engine.load_weights(start.weights_path)
@@ -356,7 +382,8 @@ class _Worker:
         return self.base_version + self.next_batch - self.cfg.max_staleness
 
     def run(self) -> None:
-        self.events.put(("ready", self.version, self.cfg.engine.resolved_kind()))
+        kind = "hf" if self.engine_note else self.cfg.engine.resolved_kind()
+        self.events.put(("ready", self.version, kind, self.engine_note[:1000]))
         try:
             while True:
                 self.drain()
@@ -513,6 +540,13 @@ def worker_main(
     # with this one, even if this process died without shutting them down.
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
+    if cfg.log_file:
+        # Third-party warnings (vLLM, NUMA, Triton...) that a user cannot act on go to the
+        # run's log; the learner's console keeps its progress bar and summaries.
+        fd = os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

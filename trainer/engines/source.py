@@ -30,6 +30,7 @@ import signal
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,37 @@ class RolloutWorkerError(RuntimeError):
     """The rollout worker failed (with its traceback when it had one)."""
 
 
+class RolloutTimeoutError(RolloutWorkerError, TimeoutError):
+    """The rollout worker did not answer in time; the message names the phase (start-up,
+    eval, rollout batch, weight sync), how long it waited and the setting that extends it."""
+
+
+#: Slowest generation rate a ``generate`` request's deadline allows for (tokens/s): far
+#: below the ~15 tokens/s of vLLM on an AVX2 CPU in bf16, the slowest layout measured.
+MIN_TOKENS_PER_S = 2.0
+
+
+def request_timeout(cfg: RolloutWorkerConfig, prompts: int, n: int, max_tokens: int) -> float:
+    """Longest wait for a ``generate`` request: ``cfg.request_timeout_s`` plus the tokens it
+    may produce at ``MIN_TOKENS_PER_S`` (a 200-problem eval must not time out on a slow
+    CPU the way a weight sync should)."""
+    return cfg.request_timeout_s + prompts * n * max_tokens / MIN_TOKENS_PER_S
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """A bounded wait on the worker: what it is for, and the setting that bounds it."""
+
+    phase: str  # "start-up", "eval", "rollout batch", ...
+    seconds: float
+    setting: str  # e.g. "rollout.start_timeout_s"
+    deadline: float  # time.monotonic() value
+
+    @classmethod
+    def start(cls, phase: str, seconds: float, setting: str) -> _Wait:
+        return cls(phase, seconds, setting, time.monotonic() + seconds)
+
+
 class _Proc:
     """One incarnation of the worker process and the queues that talk to it."""
 
@@ -71,6 +103,7 @@ class _Proc:
         self.process.start()
         self.ready = False
         self.kind = ""
+        self.note = ""  # why the engine is not the one asked for (auto -> hf fallback)
 
     def kill(self, grace_s: float) -> None:
         """Stop the process and its whole process group; release the queues."""
@@ -207,23 +240,31 @@ class ProcessRolloutSource:
         """``"vllm"`` or ``"hf"`` once the worker is ready (``""`` before)."""
         return self._proc.kind
 
+    @property
+    def engine_note(self) -> str:
+        """Empty, or one line on why ``kind="auto"`` fell back to HF ``generate``."""
+        return self._proc.note
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the worker's engine has started.
 
         Raises:
             RolloutWorkerError: The worker could not start (e.g. bad model directory).
-            TimeoutError: It did not start in ``timeout_s`` (default ``cfg.start_timeout_s``).
+            RolloutTimeoutError: It did not start in ``timeout_s`` (default
+                ``cfg.start_timeout_s``).
         """
         self._check_open()
-        deadline = time.monotonic() + (timeout_s or self.cfg.start_timeout_s)
+        wait = _Wait.start(
+            "start-up", timeout_s or self.cfg.start_timeout_s, "rollout.start_timeout_s"
+        )
         while not self._proc.ready:
-            self._pump(deadline)
+            self._pump(wait)
 
     def next_batch(self, timeout_s: float | None = None) -> RolloutBatch:
         """The next rollout batch, in order; blocks until the worker has made it.
 
         Raises:
-            TimeoutError: No batch within ``timeout_s`` (``None``: wait indefinitely).
+            RolloutTimeoutError: No batch within ``timeout_s`` (``None``: wait indefinitely).
             RolloutWorkerError: The worker failed for good (traceback in the message).
             RuntimeError: Called again without ``publish`` in between when the staleness
                 bound makes that batch impossible (it would wait forever).
@@ -240,12 +281,16 @@ class ProcessRolloutSource:
         if not self._started:
             self._started = True
             self._proc.ctrl.put(("start",))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        wait = None
+        if timeout_s is not None:
+            wait = _Wait.start(
+                f"rollout batch {self._received}", timeout_s, "rollout.batch_timeout_s"
+            )
         while True:
             try:
                 index, path = self._proc.batches.get(timeout=POLL_S)
             except queue.Empty:
-                self._pump(deadline, block=False)
+                self._pump(wait, block=False)
                 continue
             if index != self._received:  # a pre-restart straggler; cannot happen in order
                 Path(path).unlink(missing_ok=True)
@@ -262,7 +307,8 @@ class ProcessRolloutSource:
 
         Raises:
             ValueError: ``version`` is not newer than the current one.
-            TimeoutError: The worker did not load them within ``cfg.request_timeout_s``.
+            RolloutTimeoutError: The worker did not load them within
+                ``cfg.request_timeout_s``.
             RolloutWorkerError: The worker failed for good.
         """
         self._check_open()
@@ -274,9 +320,12 @@ class ProcessRolloutSource:
         self._files.set_current(path)  # also what a restarted worker loads
         self._version = int(version)
         self._proc.ctrl.put(("weights", str(path), self._version))
-        deadline = time.monotonic() + self.cfg.request_timeout_s
+        wait = _Wait.start(
+            f"weight sync (version {version})", self.cfg.request_timeout_s,
+            "rollout.request_timeout_s",
+        )  # fmt: skip
         while self._loaded_version < self._version:
-            self._pump(deadline)
+            self._pump(wait)
         self._files.prune()  # the worker serves `path` now; older files are unused
 
     def generate(
@@ -285,8 +334,21 @@ class ProcessRolloutSource:
         n: int,
         sampling: SamplingConfig,
         timeout_s: float | None = None,
+        phase: str = "generate request",
     ) -> tuple[list[list[Generation]], int]:
         """Sample with the worker's engine directly (eval, probes), between rollout rounds.
+
+        Args:
+            prompt_token_ids: Token-id prompts.
+            n: Samples per prompt.
+            sampling: Sampling settings.
+            timeout_s: Longest wait; default ``cfg.request_timeout_s`` plus the tokens
+                asked for (prompts x n x max_tokens) at ``MIN_TOKENS_PER_S``, so a big
+                eval is not cut short on a slow machine.
+            phase: What the request is for, named in a timeout's message (``"eval"``).
+
+        Raises:
+            RolloutTimeoutError: No answer in time.
 
         Returns:
             ``(generations, version)``: ``generations[i][j]`` as in ``Engine.generate``,
@@ -299,9 +361,12 @@ class ProcessRolloutSource:
             self._io_dir / f"request-{req_id}.pkl",
         )
         self._send_request(req_id, ("generate", req_id, str(path)))
-        deadline = time.monotonic() + (timeout_s or self.cfg.request_timeout_s)
+        if timeout_s is None:
+            timeout_s = request_timeout(self.cfg, len(prompt_token_ids), n, sampling.max_tokens)
+            phase += f" ({len(prompt_token_ids)} prompts x {n} x {sampling.max_tokens} tokens)"
+        wait = _Wait.start(phase, timeout_s, "rollout.request_timeout_s")
         while req_id not in self._replies:
-            self._pump(deadline)
+            self._pump(wait)
         path.unlink(missing_ok=True)
         return self._replies.pop(req_id)
 
@@ -314,9 +379,11 @@ class ProcessRolloutSource:
         self._check_open()
         req_id = next(self._req_ids)
         self._send_request(req_id, ("ping", req_id))
-        deadline = time.monotonic() + (timeout_s or self.cfg.request_timeout_s)
+        wait = _Wait.start(
+            "state query", timeout_s or self.cfg.request_timeout_s, "rollout.request_timeout_s"
+        )
         while req_id not in self._pongs:
-            self._pump(deadline)
+            self._pump(wait)
         return self._pongs.pop(req_id)
 
     def close(self) -> None:
@@ -337,7 +404,7 @@ class ProcessRolloutSource:
 
     def _wire_dtype(self) -> str | None:
         # Ship floats in the engine's dtype: half the bytes for a bf16 engine, same result.
-        return self.cfg.engine.dtype
+        return self.cfg.engine.resolved_dtype()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -362,16 +429,18 @@ class ProcessRolloutSource:
     def _spawn(self) -> _Proc:
         return _Proc(self._ctx, self.cfg, self._start_state())
 
-    def _pump(self, deadline: float | None, block: bool = True) -> None:
+    def _pump(self, wait: _Wait | None, block: bool = True) -> None:
         """Handle worker events for up to ``POLL_S``; restart a dead worker.
 
         Raises:
-            TimeoutError: ``deadline`` passed.
+            RolloutTimeoutError: ``wait``'s deadline passed.
         """
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"rollout worker (pid {self.worker_pid}) did not answer in time"
-                + ("" if self._proc.ready else " (its engine is still starting)")
+        if wait is not None and time.monotonic() > wait.deadline:
+            starting = "" if self._proc.ready else " (its engine was still starting)"
+            raise RolloutTimeoutError(
+                f"the rollout worker (pid {self.worker_pid}) did not finish its {wait.phase} "
+                f"within {wait.seconds:.0f} s{starting}. On a slow or busy machine raise "
+                f"{wait.setting}; the worker's own log may say more."
             )
         try:
             event = self._proc.events.get(timeout=POLL_S if block else 0.0)
@@ -381,7 +450,7 @@ class ProcessRolloutSource:
             return
         kind = event[0]
         if kind == "ready":
-            self._proc.ready, self._proc.kind = True, event[2]
+            self._proc.ready, self._proc.kind, self._proc.note = True, event[2], event[3]
             self._loaded_version = max(self._loaded_version, int(event[1]))
         elif kind == "loaded":
             self._loaded_version = max(self._loaded_version, int(event[1]))

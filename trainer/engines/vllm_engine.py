@@ -57,6 +57,60 @@ class WeightSyncExtension:
         return count
 
 
+class EngineStartError(RuntimeError):
+    """vLLM could not start; the message says why and which setting changes it."""
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def kv_cache_bytes(model_dir: str | Path, tokens: int, dtype: str) -> int:
+    """Bytes of KV cache for ``tokens`` tokens of the model in ``model_dir``.
+
+    Per token and layer a decoder keeps one key and one value vector per KV head:
+    ``2 x layers x kv_heads x head_dim x bytes(dtype)``.
+    """
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    layers = int(cfg["num_hidden_layers"])
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES[dtype] * int(tokens)
+
+
+def cpu_kv_cache_bytes(cfg: EngineConfig, model_dir: str | Path, dtype: str) -> int:
+    """The CPU engine's KV cache: ``cfg.kv_cache_gib``, or room for ``max_num_seqs``
+    full-length sequences (at least 64 MiB, so a tiny model still gets a few blocks)."""
+    if cfg.kv_cache_gib > 0:
+        return int(cfg.kv_cache_gib * 2**30)
+    need = kv_cache_bytes(model_dir, cfg.max_num_seqs * cfg.max_model_len, dtype)
+    return max(need, 64 * 2**20)
+
+
+def check_free_memory(kv_bytes: int, model_dir: str | Path) -> None:
+    """Refuse to start when the KV cache and the weights do not fit in free memory.
+
+    Raises:
+        EngineStartError: Naming what was needed, what was free and the settings.
+    """
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    free = psutil.virtual_memory().available
+    need = kv_bytes + weights
+    if need > free:
+        gib = 2**30
+        raise EngineStartError(
+            f"vLLM needs {need / gib:.2f} GiB of host memory (KV cache {kv_bytes / gib:.2f} "
+            f"GiB + weights {weights / gib:.2f} GiB) but only {free / gib:.2f} GiB is free. "
+            "Lower rollout.kv_cache_gib (or rollout.prompts_per_step x rollout.group_size, "
+            "or the response length), free memory, or use rollout.engine=hf."
+        )
+
+
 class VllmEngine:
     """An ``Engine`` over ``vllm.LLM``.
 
@@ -75,20 +129,42 @@ class VllmEngine:
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        dtype = cfg.resolved_dtype()
+        memory: dict = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
+        if cfg.kv_cache_gib > 0 or not torch.cuda.is_available():
+            # On CPU a share of host memory is what other programs leave free, so it fails
+            # (or starves the learner) on a busy machine: ask for bytes, sized to the work.
+            kv_bytes = (
+                cpu_kv_cache_bytes(cfg, model_dir, dtype)
+                if not torch.cuda.is_available()
+                else int(cfg.kv_cache_gib * 2**30)
+            )
+            if not torch.cuda.is_available():
+                check_free_memory(kv_bytes, model_dir)
+            memory = {"kv_cache_memory_bytes": kv_bytes}
         from vllm import LLM
 
         self.cfg = cfg
-        self._llm = LLM(
-            model=str(model_dir),
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            worker_extension_cls=EXTENSION_CLS,
-            logprobs_mode="processed_logprobs",
-            disable_log_stats=True,
-        )
+        try:
+            self._llm = LLM(
+                model=str(model_dir),
+                dtype=dtype,
+                seed=cfg.seed,
+                max_model_len=cfg.max_model_len,
+                max_num_seqs=cfg.max_num_seqs,
+                enforce_eager=cfg.enforce_eager,
+                worker_extension_cls=EXTENSION_CLS,
+                logprobs_mode="processed_logprobs",
+                disable_log_stats=True,
+                **memory,
+            )
+        except ValueError as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            raise EngineStartError(
+                f"vLLM refused to start for lack of memory: {exc} (settings: "
+                "rollout.kv_cache_gib on CPU, rollout.gpu_memory_utilization on GPU)"
+            ) from exc
         self._vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
         self._closed = False
 
