@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=d.port, help=f"gRPC port, 0 = any free (default {d.port})")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port, 0 = any free")
     a("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    a("--http-port", type=int, default=None,
+      help="also serve OpenRLHF's HTTP reward protocol (POST /get_reward) on this port, 0 = any free")  # fmt: skip
     a("--workers", type=int, default=None, help="verify worker processes (default: usable CPUs)")
     a("--deadline", type=float, default=dp.default_deadline_s, help="default per-item deadline, s")
     a("--max-deadline", type=float, default=dp.max_deadline_s, help="largest per-item deadline, s")
@@ -107,6 +109,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
             host=args.host,
             port=args.port,
             metrics_port=None if args.no_metrics else args.metrics_port,
+            http_port=args.http_port,
             grpc_threads=args.grpc_threads,
             grace_s=args.grace,
             auth_token=token,
