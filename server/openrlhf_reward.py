@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,38 +30,12 @@ try:
 except ImportError:  # loaded by path from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.client import RewardClient
+from server.env_client import parse_enum, shared_client
 from server.openrlhf import items_from_request, reply
 from server.types import AnswerFormat, RewardScheme
 
-ADDRESS_ENV = "FIPO_REWARD_ADDRESS"
-TOKEN_ENV = "FIPO_REWARD_TOKEN"
 FORMAT_ENV = "FIPO_ANSWER_FORMAT"
 SCHEME_ENV = "FIPO_REWARD_SCHEME"
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-
-_lock = threading.Lock()
-_clients: dict[tuple[str, str | None], RewardClient] = {}
-
-
-def _client() -> RewardClient:
-    """One client per (address, token), shared by the executor's threads."""
-    key = (os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS), os.environ.get(TOKEN_ENV) or None)
-    with _lock:
-        if key not in _clients:
-            _clients[key] = RewardClient(key[0], token=key[1])
-        return _clients[key]
-
-
-def _enum(env: str, kind: type, default: Any) -> Any:
-    value = os.environ.get(env)
-    if not value:
-        return default
-    try:
-        return kind(value.lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise ValueError(f"${env}={value!r} is not one of: {choices}") from None
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
@@ -79,7 +52,11 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> di
         queries,
         prompts,
         labels,
-        answer_format=_enum(FORMAT_ENV, AnswerFormat, AnswerFormat.LATEX),
-        reward_scheme=_enum(SCHEME_ENV, RewardScheme, RewardScheme.BINARY),
+        answer_format=parse_enum(
+            AnswerFormat, os.environ.get(FORMAT_ENV, "latex"), f"${FORMAT_ENV}"
+        ),
+        reward_scheme=parse_enum(
+            RewardScheme, os.environ.get(SCHEME_ENV, "binary"), f"${SCHEME_ENV}"
+        ),
     )
-    return reply(_client().score(items))
+    return reply(shared_client().score(items))
