@@ -5,9 +5,11 @@ verl loads a reward function from ``reward.custom_reward_function.path`` (a file
 ``reward.custom_reward_function.reward_kwargs`` as extra keyword arguments:
 
 - ``compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)``: one
-  response, for verl's per-sample reward managers (``naive``, ``dapo``, the reward loop);
+  response, for the reward loop's managers (``naive``, ``dapo``, ``remote``), the path
+  verl 0.9.1's PPO trainer takes;
 - ``compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos=None,
-  **kwargs)``: a whole batch in one ``Score`` RPC, for ``reward_manager.name=batch``.
+  **kwargs)``: a whole batch in one ``Score`` RPC, for verl's ``BatchRewardManager``
+  (``verl.workers.reward_manager``: the legacy path and custom pipelines).
 
 Keyword arguments (all optional): ``address`` (else ``$FIPO_REWARD_ADDRESS``, default
 ``127.0.0.1:50051``), ``token`` (else ``$FIPO_REWARD_TOKEN``), ``answer_format``

@@ -7,8 +7,10 @@ Runs ``verl_driver.py`` in the verl venv (``venvs.py``) with this project on PYT
   ``FSDPActorConfig`` it equals ``trainer.fipo.policy_loss`` (loss and gradient) off-policy,
   where Future-KL is active, and on-policy it equals verl's own ``vanilla`` loss with the
   same clip settings; ``$FIPO_LOSS`` reaches FIPO's own fields;
-- ``server/verl_reward.py``, loaded by verl's ``get_custom_reward_fn`` from its path, and
-  verl's ``BatchRewardManager`` give the rewards the gRPC client gets.
+- ``server/verl_reward.py``, loaded by verl's ``get_custom_reward_fn`` from its path, gives
+  the rewards the gRPC client gets: called directly, through the reward loop's
+  ``NaiveRewardManager`` (the PPO trainer's path) and through the legacy
+  ``BatchRewardManager`` (``compute_score_batch``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def test_verl_reward_functions_match_grpc(verl_run):
     assert [s["status"] for s in reward["single"]] == [r.status.value for r in want]
     assert [s["acc"] for s in reward["single"]] == [float(r.correct) for r in want]
     assert reward["batch_rewards"] == [r.reward for r in want]
+    assert reward["reward_loop_rewards"] == [r.reward for r in want]
     extra = reward["batch_extra"]
     assert extra["status"] == [r.status.value for r in want]
     assert extra["status_no_answer"] == [float(r.status is Status.NO_ANSWER) for r in want]

@@ -73,7 +73,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     # verl.trainer.ppo.core_algos (policy-loss registry) and verl.trainer.ppo.reward
     # (custom reward functions) import verl/__init__ -> verl.protocol -> ray, tensordict,
-    # omegaconf, transformers. verl 0.9.1 wants transformers < 5.11.
+    # omegaconf, transformers; its reward loop (the PPO trainer's reward path) aiohttp.
+    # verl 0.9.1 wants transformers < 5.11.
     "verl": Recipe(
         name="verl",
         packages=(
@@ -88,16 +89,39 @@ RECIPES: dict[str, Recipe] = {
             "dill",
             "packaging",
             "pylatexenc",
+            "aiohttp==3.14.5",
             *_GRPC,
         ),  # fmt: skip
         no_deps=("verl==0.9.1",),
         probe=(
             "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
             "from verl.trainer.ppo.reward import get_custom_reward_fn\n"
-            "from verl.workers.reward_manager.batch import BatchRewardManager"
+            "from verl.workers.reward_manager.batch import BatchRewardManager\n"
+            "from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager"
         ),
     ),
 }
+
+
+def _trl_requirements() -> tuple[str, ...]:
+    """TRL's pins, declared once in ``benchmarks/bench_trl.py`` (its venv recipe)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_trl.py"
+    spec = importlib.util.spec_from_file_location("_bench_trl_pins", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  (dataclasses look it up)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return tuple(module.TRL_REQUIREMENTS)
+
+
+# TRL 1.16 with its dependencies (all CPU wheels), as benchmarks/bench_trl.py installs it.
+RECIPES["trl"] = Recipe(
+    name="trl",
+    packages=_trl_requirements(),
+    no_deps=(),
+    probe="import trl, transformers; from trl import GRPOConfig, GRPOTrainer",
+)
 
 
 def venv_root() -> Path:
@@ -134,9 +158,10 @@ def build(name: str, *, quiet: bool = True) -> Path:
         steps.append([sys.executable, "-m", "venv", str(python.parents[1])])
     steps += [
         [str(python), "-m", "pip", "install", *q, *recipe.packages],
-        [str(python), "-m", "pip", "install", *q, "--no-deps", *recipe.no_deps],
+        *([[str(python), "-m", "pip", "install", *q, "--no-deps", *recipe.no_deps]]
+          if recipe.no_deps else []),
         [str(python), "-c", recipe.probe],
-    ]
+    ]  # fmt: skip
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -136,7 +136,20 @@ def reward_checks(spec: dict) -> dict:
     lengths = [len(r) for r in responses]
     batch_rewards = [result["reward_tensor"][i, n - 1].item() for i, n in enumerate(lengths)]
     extra = {k: list(v) for k, v in result["reward_extra_info"].items()}
-    return {"single": single, "batch_rewards": batch_rewards, "batch_extra": extra}
+    # The path verl 0.9.1's PPO trainer takes: the reward loop's naive manager, per sample.
+    import asyncio
+
+    from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    naive = NaiveRewardManager(OmegaConf.create({"reward": {}}), tok, load("compute_score"))
+    loop_rewards = [
+        loop.run_until_complete(naive.run_single(data[i : i + 1]))["reward_score"]
+        for i in range(len(cases))
+    ]
+    return {"single": single, "batch_rewards": batch_rewards, "batch_extra": extra,
+            "reward_loop_rewards": loop_rewards}  # fmt: skip
 
 
 def main() -> int:
