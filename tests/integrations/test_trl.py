@@ -48,7 +48,7 @@ def test_trl_grpo_example_one_step(trl_python, tmp_path, default_model_dir):
     finally:
         server.stop(grace=1.0)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"')]
     summary = lines[-1]
     assert summary["done"] and summary["steps"] == 1 and summary["trl"] == "1.16.0"
     assert summary["reward_calls"] >= 1 and summary["items_scored"] >= 2
