@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Prometheus port, 0 = any free (default {DEFAULT_METRICS_PORT})",
     )
     a("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    a("--http-port", type=int, default=None,
+      help="also serve OpenRLHF's HTTP reward protocol (POST /get_reward) on this port, 0 = any free")  # fmt: skip
     a("--workers", type=int, default=None, help="verify worker processes (default: usable CPUs)")
     a("--deadline", type=float, default=dp.default_deadline_s, help="default per-item deadline, s")
     a("--max-deadline", type=float, default=dp.max_deadline_s, help="largest per-item deadline, s")
@@ -112,6 +114,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
             host=args.host,
             port=args.port,
             metrics_port=None if args.no_metrics else args.metrics_port,
+            http_port=args.http_port,
             grpc_threads=args.grpc_threads,
             grace_s=args.grace,
             auth_token=token,

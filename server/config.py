@@ -183,6 +183,10 @@ class ServerConfig:
     """Prometheus HTTP port on ``host``; 0 (the default in code) picks a free one, so two
     servers in one machine never collide (``RewardServer.metrics_port`` says which); None
     disables metrics. ``python -m server`` defaults to ``DEFAULT_METRICS_PORT`` instead."""
+    http_port: int | None = None
+    """Port of the optional HTTP listener on ``host`` serving OpenRLHF's remote reward protocol
+    (``POST /get_reward``, see ``server.http``); 0 picks a free one; None (default) disables it.
+    It shares the pool, guards, auth token and TLS settings of the gRPC server."""
     grpc_threads: int = 16
     """Threads serving RPCs (each in-flight RPC holds one while it waits for its results)."""
     grace_s: float = 30.0
@@ -209,6 +213,10 @@ class ServerConfig:
         _check(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,
             "server.metrics_port must be in [0, 65535] or None",
+        )
+        _check(
+            self.http_port is None or 0 <= self.http_port <= 65535,
+            "server.http_port must be in [0, 65535] or None",
         )
         _check(self.grpc_threads >= 2, "server.grpc_threads must be >= 2")
         _check(self.grace_s >= 0, "server.grace_s must be >= 0")

@@ -246,17 +246,20 @@ class RewardServer:
     Attributes:
         port: The bound gRPC port.
         metrics_port: The bound Prometheus port, or None.
+        http_port: The bound port of the HTTP listener (``server.http``), or None.
         pool: The worker pool.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._stopped = threading.Event()
         # Held while the health status is decided, so the watcher never reports the drain
         # (stop() does) nor sets SERVING again after stop() set NOT_SERVING.
         self._health_lock = threading.Lock()
         self._metrics_httpd = None
+        self._http = None
         metrics = None
         if config.metrics_port is not None:
             pool_ref: list[WorkerPool] = []
@@ -270,7 +273,14 @@ class RewardServer:
             pool_ref.append(self.pool)
         try:
             self._start_grpc(config, metrics)
+            if config.http_port is not None:
+                from server.http import HttpListener  # aiohttp only when asked for
+
+                self._http = HttpListener(config, self.pool, metrics, self.servicer.draining)
+                self.http_port = self._http.start()
         except BaseException:
+            if getattr(self, "grpc_server", None) is not None:
+                self.grpc_server.stop(0)
             self.pool.close(drain=False)
             raise
         if metrics is not None:
@@ -282,6 +292,8 @@ class RewardServer:
                 )
             except OSError as e:
                 self.grpc_server.stop(0)
+                if self._http is not None:
+                    self._http.stop()
                 self.pool.close(drain=False)
                 raise BindError(
                     f"could not bind the Prometheus metrics port {config.host}:"
@@ -299,6 +311,7 @@ class RewardServer:
             extra={
                 "address": f"{config.host}:{self.port}",
                 "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
                 "workers": config.pool.workers,
                 "tls": config.tls,
                 "mtls": config.tls_client_ca is not None,
@@ -383,6 +396,8 @@ class RewardServer:
             self.servicer.draining.set()
             self._set_health(False)
         self._stopped.set()
+        if self._http is not None:
+            self._http.stop(grace)
         self.grpc_server.stop(grace).wait()
         self.pool.close(drain=True, timeout=grace)
         if self._metrics_httpd is not None:

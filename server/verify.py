@@ -40,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from server import pysyntax
 from server.config import VerifierConfig
 from server.types import AnswerFormat, ScoreItem, Status
 
@@ -212,11 +213,19 @@ class Verifier:
         if not golds:
             return Verdict(
                 Status.GOLD_UNPARSABLE,
-                message=f"none of the {len(item.golds)} gold answer(s) could be parsed as {fmt.value}",
+                message=f"none of the {len(item.golds)} gold answer(s) could be parsed as "
+                f"{fmt.value}{_python_syntax_note(item.golds, fmt)}",
                 stages_ms=stages,
                 gold_cache_hit=all_hits,
             )
-        pred = self._parse_response(item.response, pred_targets)
+        flags: list[str] = []
+        if fmt is not AnswerFormat.CHOICE and any(pysyntax.looks_pythonic(g) for g, _ in golds):
+            flags.append("python_syntax_gold")
+        response, rewritten = self._python_answer(item.response, fmt)
+        if rewritten:
+            flags.append("python_syntax_answer")
+            pred_targets = self._targets[AnswerFormat.LATEX][1]
+        pred = self._parse_response(response, pred_targets)
         if not pred and fmt is AnswerFormat.CHOICE:
             pred = self._choice_fallback(item.response, pred_targets)
         t2 = time.perf_counter()
@@ -229,7 +238,6 @@ class Verifier:
                 stages_ms=stages,
                 gold_cache_hit=all_hits,
             )
-        flags: list[str] = []
         status = Status.WRONG
         shown_pred = _shown(pred)
         for gold_text, gold in golds:
@@ -291,6 +299,16 @@ class Verifier:
                 self._verdict_cache.popitem(last=False)
         return equal, overturned
 
+    @staticmethod
+    def _python_answer(response: str, fmt: AnswerFormat) -> tuple[str, bool]:
+        """The response with a final answer in Python / sympy syntax rewritten as LaTeX."""
+        if fmt is AnswerFormat.CHOICE:
+            return response, False
+        response, rewritten = pysyntax.rewrite_boxed(response)
+        if not rewritten:
+            response, rewritten = pysyntax.rewrite_final_line(response)
+        return response, rewritten
+
     def _parse_response(self, response: str, targets: list) -> list:
         """Parse a response, looking first at the text around its last ``\\boxed``.
 
@@ -327,6 +345,18 @@ class Verifier:
         choice = _CHOICE_GOLD.match(text) if fmt is AnswerFormat.CHOICE else None
         if choice:  # math-verify's string patterns match only the bare capitals it was given
             text = choice[1].upper()
+        elif fmt is not AnswerFormat.CHOICE and pysyntax.looks_pythonic(text):
+            # Python / sympy syntax (`3*x**2 - 152*y`): read as what it means, or not at all;
+            # math-verify's own fallback would keep only the last number.
+            try:
+                latex = pysyntax.to_latex(text)
+            except pysyntax.PySyntaxError:
+                parsed = []
+            else:
+                parsed = self._parse(
+                    f"${latex}$", self._targets[AnswerFormat.LATEX][0], "no_fallback"
+                )
+            return self._cache_gold(key, parsed), False
         if fmt is AnswerFormat.LATEX and not any(d in text for d in _DELIMITERS):
             # A bare gold such as `1-\frac{1}{e}` is one math expression; without delimiters the
             # LaTeX extractor finds nothing and the fallback keeps only the leading `1`.
@@ -336,11 +366,14 @@ class Verifier:
         parsed = self._parse(text, targets, "no_fallback")
         if fmt is AnswerFormat.LATEX and not parsed:
             parsed = self._parse(gold, self._targets[AnswerFormat.EXPR][0], "no_fallback")
+        return self._cache_gold(key, parsed), False
+
+    def _cache_gold(self, key: tuple[str, AnswerFormat], parsed: list) -> list:
         if self.config.gold_cache_size:
             self._gold_cache[key] = parsed
             if len(self._gold_cache) > self.config.gold_cache_size:
                 self._gold_cache.popitem(last=False)
-        return parsed, False
+        return parsed
 
     def _numbers_differ(self, gold: Any, pred: Any) -> bool:
         """Exact re-check of an "equal" verdict between two numeric constants."""
@@ -359,6 +392,19 @@ class Verifier:
         if scale == 0:
             return False
         return bool(abs(a - b) > self.config.recheck_rel_tol * scale)
+
+
+def _python_syntax_note(golds: tuple[str, ...], fmt: AnswerFormat) -> str:
+    """Why a gold in Python / sympy syntax could not be read, for the GOLD_UNPARSABLE message."""
+    if fmt is AnswerFormat.CHOICE:
+        return ""
+    for g in golds:
+        if pysyntax.looks_pythonic(g):
+            try:
+                pysyntax.to_latex(g)
+            except pysyntax.PySyntaxError as e:
+                return f"; gold written in Python/sympy syntax cannot be read unambiguously: {e}"
+    return ""
 
 
 def _shown(parsed: list) -> str:
