@@ -39,6 +39,9 @@ from trainer.config import USAGE, ConfigError, TrainConfig, parse_args, parse_cp
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 # vLLM's per-weight load warnings and INFO lines would bury the progress bar.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+# transformers' per-load progress bars and advisory warnings are not the user's to act on.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class RewardServerError(RuntimeError):
@@ -361,10 +364,10 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         t_engine = time.perf_counter()
         with stopper.interruptible():
             source.wait_ready()
+        engine_start_s = time.perf_counter() - t_engine
         if source.engine_note:
             print(f"[fipo] warning: {source.engine_note}", flush=True)
-        print(f"[fipo] rollout engine {source.engine_kind} ready in "
-              f"{time.perf_counter() - t_engine:.0f} s (its log: "
+        print(f"[fipo] rollout engine {source.engine_kind} ready in {engine_start_s:.0f} s (its log: "
               f"{run_dir / 'rollout_worker.log'})", flush=True)  # fmt: skip
         busy_threads = torch.get_num_threads()
         idle_threads = cfg.model.idle_threads or len(os.sched_getaffinity(0))
@@ -379,6 +382,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         log = MetricsLog(run_dir / "metrics.jsonl",
                          truncate_after_step=start_step if resume else None)  # fmt: skip
         stack.callback(log.close)
+        log.write("setup", start_step, {"perf/engine_start_s": engine_start_s,
+                                        "setup/engine_vllm": float(source.engine_kind == "vllm")})  # fmt: skip
 
         evaluated_at: list[int] = []
 

