@@ -178,6 +178,12 @@ class RolloutConfig:
     ``gpu_memory_utilization`` leaves on GPU. A fixed size in bytes starts on a machine
     where other programs hold memory; too little free memory is refused at start with
     what was needed and what was free."""
+    engine_threads: int = 0
+    """Torch/OpenMP threads of the rollout engine; 0 = the machine's cores minus the
+    learner's ``model.num_threads`` (at least 1). OpenMP threads spin at every barrier,
+    so an engine and a learner that together ask for more threads than there are cores
+    slow each other down several times over (measured on 2 cores: a learner update took
+    42 s beside a 2-thread engine)."""
     worker_cpus: str = ""
     """Comma-separated CPU ids the rollout worker is pinned to (empty: no pinning)."""
     learner_cpus: str = ""

@@ -210,6 +210,17 @@ def resolve_precision(cfg: TrainConfig):
     return cfg, p
 
 
+def engine_threads(cfg: TrainConfig) -> int | None:
+    """Threads of the rollout engine: ``rollout.engine_threads``, or the cores the learner
+    leaves (its own pinning, when the worker is pinned, decides instead)."""
+    if cfg.rollout.engine_threads:
+        return cfg.rollout.engine_threads
+    if cfg.rollout.worker_cpus:
+        return None  # the worker sets its threads from its CPU affinity
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - max(cfg.model.num_threads, 0) if cfg.model.num_threads else cores // 2)
+
+
 def rollout_worker_config(
     cfg: TrainConfig, model_dir: Path, verifier: str, log_file: str | Path = ""
 ):
@@ -227,6 +238,7 @@ def rollout_worker_config(
         gpu_memory_utilization=r.gpu_memory_utilization,
         kv_cache_gib=r.kv_cache_gib,
         max_num_seqs=r.prompts_per_step * r.group_size,
+        cpu_threads=engine_threads(cfg),
         max_model_len=max_prompt + max(r.max_response_tokens, cfg.eval_max_tokens),
     )
     return RolloutWorkerConfig(

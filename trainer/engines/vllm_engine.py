@@ -135,6 +135,10 @@ class VllmEngine:
             # AVX-512, bf16, 64 x 96 tokens: 570-600 tokens/s in-process vs 340-370 with the
             # extra process; on an AVX2 machine 134 vs 60 (benchmarks/bench_rollout.py).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if cfg.cpu_threads is not None:
+                # In-process vLLM binds no threads of its own: it uses this process's torch
+                # threads (and forbids changing them once it has started).
+                torch.set_num_threads(cfg.cpu_threads)
         # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         dtype = cfg.resolved_dtype()
