@@ -90,3 +90,23 @@ def test_bad_yaml_section(tmp_path: Path) -> None:
     path.write_text("optimizer:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
         parse_args(["--config", str(path)])
+
+
+def test_engine_threads_leave_the_learner_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenMP threads spin: engine + learner threads must not exceed the cores."""
+    import os
+
+    from trainer.run import engine_threads, rollout_worker_config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert engine_threads(parse_args([]).config) == 1  # 2 cores - 1 learner thread
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert engine_threads(parse_args([]).config) == 15
+    assert engine_threads(parse_args(["model.num_threads=0"]).config) == 8  # learner: all
+    assert engine_threads(parse_args(["rollout.engine_threads=3"]).config) == 3
+    assert engine_threads(parse_args(["rollout.worker_cpus=0"]).config) is None  # pinned
+    cfg = parse_args(["rollout.dtype=float32", "rollout.kv_cache_gib=0.5"]).config
+    worker = rollout_worker_config(cfg, Path("/m"), "127.0.0.1:1", log_file="/tmp/w.log")
+    assert worker.engine.cpu_threads == 15 and worker.engine.dtype == "float32"
+    assert worker.engine.kv_cache_gib == 0.5 and worker.log_file == "/tmp/w.log"
+    assert worker.engine.max_num_seqs == cfg.rollout.prompts_per_step * cfg.rollout.group_size
