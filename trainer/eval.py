@@ -87,7 +87,7 @@ class SourceGreedyGenerator:
     """Greedy decoding through the rollout worker's engine (vLLM), with its current weights.
 
     Args:
-        source: A ``trainer.engines.source.ProcessRolloutSource`` (its ``generate``).
+        source: A ``trainer.rollout.ProcessRolloutSource`` (its ``generate``).
         stop_ids: The env's stop token ids.
     """
 

@@ -26,13 +26,8 @@ from test_engines_support import (  # noqa: E402
     teacher_forced_logprobs,
 )
 
-from trainer.engines import (  # noqa: E402
-    EngineConfig,
-    ProcessRolloutSource,
-    RolloutWorkerConfig,
-    SamplingConfig,
-    vllm_available,
-)
+from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
+from trainer.rollout import ProcessRolloutSource, RolloutWorkerConfig  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,

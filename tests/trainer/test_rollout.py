@@ -23,16 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
 from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
 
-from trainer.engines import (  # noqa: E402
-    EngineConfig,
+from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
+from trainer.rollout import (  # noqa: E402
     ProcessRolloutSource,
+    RolloutTimeoutError,
     RolloutWorkerConfig,
     RolloutWorkerError,
-    SamplingConfig,
-    vllm_available,
+    build_groups,
+    keep_informative,
 )
-from trainer.engines.rollout import build_groups, keep_informative  # noqa: E402
-from trainer.engines.source import RolloutTimeoutError  # noqa: E402
 from trainer.types import Generation, RolloutGroup  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
@@ -217,8 +216,8 @@ def test_worker_start_failure_is_a_clear_error(tmp_path):
 _FAKE_WORKER = """
 import os, subprocess, sys, time
 os.setpgid(0, 0)
-from trainer.engines.rollout import _die_with_parent
-_die_with_parent()
+from trainer.rollout.procs import die_with_parent
+die_with_parent()
 child = subprocess.Popen(["sleep", "600"])  # like vLLM's EngineCore: unaware of our parent
 print(os.getpid(), child.pid, flush=True)
 time.sleep(600)
@@ -318,7 +317,7 @@ def test_a_worker_that_does_not_answer_in_time_names_phase_and_setting(tiny_dir)
 
 
 def test_a_generate_requests_wait_grows_with_the_work(tiny_dir):
-    from trainer.engines.source import MIN_TOKENS_PER_S, request_timeout
+    from trainer.rollout.source import MIN_TOKENS_PER_S, request_timeout
 
     cfg = worker_config(tiny_dir, request_timeout_s=60.0)
     assert request_timeout(cfg, prompts=1, n=1, max_tokens=1) == pytest.approx(

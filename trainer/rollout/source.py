@@ -2,7 +2,7 @@
 
 It implements both halves of the rollout / learner boundary of ``trainer.types``:
 ``RolloutSource`` (``next_batch``) and ``WeightPublisher`` (``publish``). It starts the
-worker (``trainer.engines.rollout.worker_main``) in a spawned process, supervises it
+worker (``trainer.rollout.worker.worker_main``) in a spawned process, supervises it
 (restarts it when it crashes, at most ``max_restarts`` times, from the latest published
 weights), and stops it and every process it started on ``close()``.
 
@@ -37,15 +37,10 @@ from typing import Any
 import torch
 
 from trainer.engines.base import SamplingConfig
-from trainer.engines.rollout import (
-    POLL_S,
-    RolloutWorkerConfig,
-    WorkerStart,
-    read_pickle,
-    worker_main,
-    write_pickle,
-)
 from trainer.engines.weights import WeightFiles
+from trainer.rollout.config import RolloutWorkerConfig, WorkerStart
+from trainer.rollout.procs import POLL_S, read_pickle, write_pickle
+from trainer.rollout.worker import worker_main
 from trainer.types import Generation, RolloutBatch
 
 
