@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 
 ALGORITHMS = ("fipo", "dapo", "grpo")
 
+RewardSchemeName = Literal["signed", "binary"]
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -156,6 +158,9 @@ class RolloutConfig:
     """Prompt groups per training step (after dynamic sampling)."""
     group_size: int = 8
     """G: samples per prompt."""
+    max_prompt_tokens: int = 256
+    """Longest chat-templated prompt, in tokens (longer problems are redrawn); with the
+    response limit it sizes the engine's context (``max_model_len``)."""
     max_response_tokens: int = 96
     """Response-length limit (L_max); longer responses are truncated."""
     overlong_buffer: int = 0
@@ -214,6 +219,13 @@ class RolloutConfig:
             "group_size",
             "must be >= 2 (group-normalised advantages need two samples)",
             self.group_size,
+        )
+        _check(
+            self.max_prompt_tokens >= 1,
+            s,
+            "max_prompt_tokens",
+            "must be >= 1",
+            self.max_prompt_tokens,
         )
         _check(
             self.max_response_tokens >= 1,
@@ -307,7 +319,7 @@ class AlgorithmConfig:
     """eps_lo of the PPO clip."""
     clip_high: float | None = None
     """eps_hi of the PPO clip (clip-higher)."""
-    reward_scheme: Literal["signed", "binary"] = "signed"
+    reward_scheme: RewardSchemeName = "signed"
     """Verifier reward: +1/-1 (DAPO/FIPO) or 1/0."""
     normalize_std: bool = True
     """Divide group advantages by the group std (False = Dr. GRPO)."""

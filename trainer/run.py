@@ -226,8 +226,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                   flush=True)  # fmt: skip
 
         # Rollout worker (engine + env + verifier in its own process) and weight publisher.
+        worker_cfg = rollout_worker_config(
+            cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"
+        )
         source = ProcessRolloutSource(
-            rollout_worker_config(cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"),
+            worker_cfg,
             initial_version=learner.version,
             initial_weights=learner.hf_state_dict() if learner.version else None,
             autostart=False,  # the first eval runs before rollouts compete for the CPU
@@ -247,7 +250,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
             learner.thread_policy = lambda: busy_threads if source.worker_busy() else idle_threads
 
         # Held-out eval: same env, verifier and engine, greedy.
-        eval_env = make_eval_env(cfg, model_dir, address)
+        eval_env = make_eval_env(worker_cfg, cfg.eval_max_tokens)
         stack.callback(eval_env.close)
         problems = held_out_problems(cfg.task.spec, cfg.eval.num_problems, cfg.task.eval_seed)
         generator = SourceGreedyGenerator(source, eval_env.stop_ids)

@@ -90,3 +90,18 @@ def test_bad_yaml_section(tmp_path: Path) -> None:
     path.write_text("optimizer:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
         parse_args(["--config", str(path)])
+
+
+def test_prompt_limit_is_one_field_for_worker_engine_and_env() -> None:
+    """rollout.max_prompt_tokens reaches the worker, the env and the engine's context."""
+    from trainer.rollout.config import rollout_worker_config
+
+    cfg = parse_args(["rollout.max_prompt_tokens=128", "eval.max_response_tokens=200"]).config
+    worker = rollout_worker_config(cfg, Path("/m"), "127.0.0.1:1")
+    assert worker.rollout is cfg.rollout
+    assert worker.engine.max_model_len == 128 + 200
+    assert worker.env_kwargs()["max_prompt_tokens"] == 128
+    assert worker.env_kwargs(max_response_tokens=200)["max_response_tokens"] == 200
+    assert worker.env_kwargs(max_response_tokens=200)["overlong_buffer"] is None
+    with pytest.raises(ConfigError, match="rollout.max_prompt_tokens must be >= 1"):
+        parse_args(["rollout.max_prompt_tokens=0"])

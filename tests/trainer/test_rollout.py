@@ -10,6 +10,7 @@ the versions and the worker's own report of what it is waiting for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
 from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
 
+from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
 from trainer.rollout import (  # noqa: E402
     ProcessRolloutSource,
@@ -50,17 +52,19 @@ def tiny_weights(tiny_dir):
 
 
 def worker_config(model_dir, **kw) -> RolloutWorkerConfig:
-    base = {
-        "engine": EngineConfig(model_dir=str(model_dir), kind="hf", dtype="float32"),
+    """A small worker config; ``kw`` may name ``rollout`` fields or worker fields."""
+    rollout = {
         "group_size": 2,
-        "groups_per_batch": 2,
+        "prompts_per_step": 2,
         "max_prompt_tokens": 96,
         "max_response_tokens": 6,
         "dynamic_sampling": False,
-        "cpus": (),
     }
-    base.update(kw)
-    return RolloutWorkerConfig(**base)
+    worker = {"engine": EngineConfig(model_dir=str(model_dir), kind="hf", dtype="float32")}
+    worker_fields = {f.name for f in dataclasses.fields(RolloutWorkerConfig)}
+    for key, value in kw.items():  # `engine` is the worker's EngineConfig, not rollout.engine
+        (worker if key in worker_fields else rollout)[key] = value
+    return RolloutWorkerConfig(rollout=RolloutConfig(**rollout), **worker)
 
 
 def assert_no_orphans(source: ProcessRolloutSource, pid: int | None) -> None:

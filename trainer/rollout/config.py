@@ -1,4 +1,9 @@
-"""Settings of the rollout worker process, and where a (re)started worker begins."""
+"""Settings of the rollout worker process, derived from the trainer's config.
+
+Every rollout setting is declared once, in ``trainer.config.RolloutConfig``;
+:func:`rollout_worker_config` is the one function that derives the worker's (and, through
+:meth:`RolloutWorkerConfig.env_kwargs`, the env's) settings from a ``TrainConfig``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from trainer.config import parse_cpus
+from trainer.config import RewardSchemeName, RolloutConfig, parse_cpus
 from trainer.engines.base import EngineConfig, SamplingConfig
 
 if TYPE_CHECKING:
@@ -19,65 +24,43 @@ if TYPE_CHECKING:
 class RolloutWorkerConfig:
     """Settings of the rollout worker process and the batches it makes.
 
+    The sampling, batch, staleness, length and timeout settings are the trainer's
+    ``rollout`` section (:class:`trainer.config.RolloutConfig`), declared, documented and
+    validated there once; this record adds what only the worker needs.
+    :func:`rollout_worker_config` derives it from a whole ``TrainConfig``.
+
     Attributes:
         engine: Which engine to run and how (model directory, vLLM or HF, dtype, seed).
+        rollout: Group size (``group_size``), groups per batch (``prompts_per_step``),
+            prompt and response limits, temperature / top-p, the overlong buffer, dynamic
+            sampling and its round bound, ``max_staleness``, the start / request
+            timeouts and the worker's CPU pinning (``worker_cpus``). Its engine fields
+            (``engine``, ``dtype``, ...) are not read here: ``engine`` holds them.
         task: ``fipo_env`` task spec of the training problems (``"arithmetic"``,
             ``"arithmetic:0,1"``, ``"file:/data/train.jsonl"``, ...); its train split.
         verifier: ``"local"`` (the reward server's worker pool inside the worker process)
             or the ``host:port`` of a running reward server (gRPC ``RewardClient``).
-        group_size: G, samples per prompt.
-        groups_per_batch: Prompt groups per batch (after dynamic sampling).
-        prompts_per_round: Prompts sampled per engine call; ``0`` means
-            ``groups_per_batch``. Raise it when dynamic sampling drops many groups.
-        max_prompt_tokens: Longest chat-templated prompt (longer problems are redrawn).
-        max_response_tokens: Response-length limit (L_max): the engine's ``max_tokens``
-            and the env's truncation length.
-        temperature: Sampling temperature (> 0 for RL).
-        top_p: Nucleus-sampling mass.
-        top_k: Top-k truncation (``0`` = off).
         reward_scheme: ``"binary"`` (1/0) or ``"signed"`` (+1/-1) verifier reward.
-        overlong_buffer: L_buf of DAPO's soft overlong penalty (applied by the
-            verifier); ``None`` or ``0`` = off.
-        dynamic_sampling: Drop groups whose rewards are all equal (DAPO).
-        max_sampling_rounds: Most generation rounds spent filling one batch. If they
-            keep fewer than ``groups_per_batch`` groups the batch is returned smaller;
-            if they keep none it holds the last round's groups (zero advantage).
-        max_staleness: How many policy versions a batch may lag the learner when it is
-            trained on; ``0`` = synchronous on-policy.
         seed: Seed of the problem stream (the engine's sampling seed is ``engine.seed``).
-        cpus: CPU ids the worker (and vLLM's threads) are pinned to; ``()`` = no pinning.
+        prompts_per_round: Prompts sampled per engine call; ``0`` means
+            ``rollout.prompts_per_step``. Raise it when dynamic sampling drops many groups.
+        top_k: Top-k truncation (``0`` = off).
         max_restarts: How many times a crashed worker is restarted before the learner
             gets an error.
-        start_timeout_s: Longest wait for the engine to start (vLLM compiles the model
-            on first use: minutes on a loaded CPU).
-        request_timeout_s: Longest wait for a weight sync, and the base of a ``generate``
-            request's wait (which grows with the tokens it asks for).
         log_file: File that receives the worker's stdout and stderr (vLLM's and other
             libraries' warnings and progress output); empty leaves them on the console.
             Failures still reach the learner as ``RolloutWorkerError`` with the traceback.
     """
 
     engine: EngineConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     task: str = "arithmetic"
     verifier: str = "local"
-    group_size: int = 8
-    groups_per_batch: int = 8
-    prompts_per_round: int = 0
-    max_prompt_tokens: int = 256
-    max_response_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    reward_scheme: str = "binary"
-    overlong_buffer: int | None = None
-    dynamic_sampling: bool = True
-    max_sampling_rounds: int = 3
-    max_staleness: int = 1
+    reward_scheme: RewardSchemeName = "binary"
     seed: int = 0
-    cpus: tuple[int, ...] = field(default_factory=tuple)
+    prompts_per_round: int = 0
+    top_k: int = 0
     max_restarts: int = 3
-    start_timeout_s: float = 900.0
-    request_timeout_s: float = 600.0
     log_file: str = ""
 
     def __post_init__(self) -> None:
@@ -86,47 +69,64 @@ class RolloutWorkerConfig:
                 raise ValueError(f"RolloutWorkerConfig.{name} {rule} (got {getattr(self, name)!r})")
 
         need(isinstance(self.engine, EngineConfig), "engine", "must be an EngineConfig")
+        need(isinstance(self.rollout, RolloutConfig), "rollout", "must be a RolloutConfig")
         need(bool(self.task.strip()), "task", "must be a fipo_env task spec")
         need(bool(self.verifier.strip()), "verifier", "must be 'local' or host:port")
-        need(self.group_size >= 1, "group_size", "must be >= 1")
-        need(self.groups_per_batch >= 1, "groups_per_batch", "must be >= 1")
-        need(self.prompts_per_round >= 0, "prompts_per_round", "must be >= 0 (0 = auto)")
-        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
-        need(self.max_response_tokens >= 1, "max_response_tokens", "must be >= 1")
-        need(
-            self.max_prompt_tokens + self.max_response_tokens <= self.engine.max_model_len,
-            "max_response_tokens",
-            f"plus max_prompt_tokens must fit engine.max_model_len={self.engine.max_model_len}",
-        )
         need(self.reward_scheme in ("binary", "signed"), "reward_scheme", "must be binary|signed")
-        need(
-            self.overlong_buffer is None or 0 <= self.overlong_buffer <= self.max_response_tokens,
-            "overlong_buffer",
-            "must be in [0, max_response_tokens]",
-        )
-        need(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
-        need(self.max_staleness >= 0, "max_staleness", "must be >= 0")
-        need(all(c >= 0 for c in self.cpus), "cpus", "must be non-negative CPU ids")
+        need(self.prompts_per_round >= 0, "prompts_per_round", "must be >= 0 (0 = auto)")
         need(self.max_restarts >= 0, "max_restarts", "must be >= 0")
-        need(self.start_timeout_s > 0, "start_timeout_s", "must be > 0")
-        need(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
-        # Validates temperature / top_p / top_k with SamplingConfig's own messages.
+        r = self.rollout
+        if r.max_prompt_tokens + r.max_response_tokens > self.engine.max_model_len:
+            raise ValueError(
+                f"rollout.max_response_tokens ({r.max_response_tokens}) plus "
+                f"rollout.max_prompt_tokens ({r.max_prompt_tokens}) must fit "
+                f"engine.max_model_len={self.engine.max_model_len}"
+            )
+        # Validates top_k with SamplingConfig's own message.
         self.sampling(stop_token_ids=())
 
     @property
     def round_prompts(self) -> int:
-        """Prompts per generation round (``prompts_per_round`` or ``groups_per_batch``)."""
-        return self.prompts_per_round or self.groups_per_batch
+        """Prompts per generation round (``prompts_per_round`` or ``prompts_per_step``)."""
+        return self.prompts_per_round or self.rollout.prompts_per_step
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        """CPU ids the worker (and vLLM's threads) are pinned to; ``()`` = no pinning."""
+        return parse_cpus(self.rollout.worker_cpus)
 
     def sampling(self, stop_token_ids: Sequence[int]) -> SamplingConfig:
         """The engine's sampling settings for rollouts."""
         return SamplingConfig(
-            max_tokens=self.max_response_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            max_tokens=self.rollout.max_response_tokens,
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
             top_k=self.top_k,
             stop_token_ids=tuple(stop_token_ids),
         )
+
+    def env_kwargs(self, max_response_tokens: int | None = None) -> dict[str, Any]:
+        """Settings of the ``fipo_env`` math env that poses and scores this worker's problems.
+
+        Args:
+            max_response_tokens: ``None`` for training rollouts (``rollout``'s limit and
+                overlong buffer); a number for held-out eval, which uses that limit and
+                scores answers without the overlong penalty.
+        """
+        from server.types import RewardScheme
+
+        training = max_response_tokens is None
+        return {
+            "tokenizer": self.engine.model_dir,
+            "task": self.task,
+            "verifier": self.verifier,
+            "max_prompt_tokens": self.rollout.max_prompt_tokens,
+            "max_response_tokens": self.rollout.max_response_tokens
+            if training
+            else max_response_tokens,
+            "reward_scheme": RewardScheme(self.reward_scheme),
+            "overlong_buffer": (self.rollout.overlong_buffer or None) if training else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,6 @@ def rollout_worker_config(
         log_file: Where the worker's output goes (empty: the console).
     """
     r = cfg.rollout
-    max_prompt = 256
     engine = EngineConfig(
         model_dir=str(model_dir),
         kind=r.engine,
@@ -188,26 +187,14 @@ def rollout_worker_config(
         kv_cache_gib=r.kv_cache_gib,
         max_num_seqs=r.prompts_per_step * r.group_size,
         cpu_threads=engine_threads(cfg),
-        max_model_len=max_prompt + max(r.max_response_tokens, cfg.eval_max_tokens),
+        max_model_len=r.max_prompt_tokens + max(r.max_response_tokens, cfg.eval_max_tokens),
     )
     return RolloutWorkerConfig(
         engine=engine,
+        rollout=r,
         task=cfg.task.spec,
         verifier=verifier,
-        group_size=r.group_size,
-        groups_per_batch=r.prompts_per_step,
-        max_prompt_tokens=max_prompt,
-        max_response_tokens=r.max_response_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
         reward_scheme=cfg.algorithm.reward_scheme,
-        overlong_buffer=r.overlong_buffer or None,
-        dynamic_sampling=r.dynamic_sampling,
-        max_sampling_rounds=r.max_sampling_rounds,
-        max_staleness=r.max_staleness,
         seed=cfg.task.seed,
-        cpus=parse_cpus(r.worker_cpus),
-        start_timeout_s=r.start_timeout_s,
-        request_timeout_s=r.request_timeout_s,
         log_file=str(log_file),
     )

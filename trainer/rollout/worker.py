@@ -10,7 +10,8 @@ Loop of the worker (``worker_main``), which runs in its own spawned process:
    to the env's ``step_tokens`` so the env decides termination and reward, build one
    ``RolloutGroup`` per prompt stamped with the policy version that generated it, and
    (dynamic sampling) drop groups whose rewards are all equal, repeating for at most
-   ``max_sampling_rounds`` rounds until ``groups_per_batch`` groups are kept;
+   ``rollout.max_sampling_rounds`` rounds until ``rollout.prompts_per_step`` groups
+   are kept;
 4. hand the batch to the learner through a bounded queue.
 
 Bounded staleness. The learner takes batches in order and publishes one new policy
@@ -157,7 +158,7 @@ class _Worker:
 
     def needed_version(self) -> int:
         """Oldest policy version allowed to generate batch ``next_batch``."""
-        return self.base_version + self.next_batch - self.cfg.max_staleness
+        return self.base_version + self.next_batch - self.cfg.rollout.max_staleness
 
     def run(self) -> None:
         kind = "hf" if self.engine_note else self.cfg.engine.resolved_kind()
@@ -205,15 +206,15 @@ class _Worker:
         kept: list[RolloutGroup] = []
         last: list[RolloutGroup] = []
         generated = tokens = 0
-        for _ in range(cfg.max_sampling_rounds):
+        for _ in range(cfg.rollout.max_sampling_rounds):
             self.drain()  # newer weights between rounds keep groups fresh
             last, round_tokens = self.run_round()
             generated += len(last)
             tokens += round_tokens
-            kept.extend(keep_informative(last) if cfg.dynamic_sampling else last)
-            if len(kept) >= cfg.groups_per_batch:
+            kept.extend(keep_informative(last) if cfg.rollout.dynamic_sampling else last)
+            if len(kept) >= cfg.rollout.prompts_per_step:
                 break
-        groups = kept[: cfg.groups_per_batch] or last[: cfg.groups_per_batch]
+        groups = kept[: cfg.rollout.prompts_per_step] or last[: cfg.rollout.prompts_per_step]
         return RolloutBatch(
             groups=tuple(groups),
             num_generated_groups=generated,
@@ -225,21 +226,14 @@ class _Worker:
         import gymnasium as gym
 
         import fipo_env
-        from server.types import RewardScheme
 
         cfg = self.cfg
         self.venv = gym.make_vec(
             fipo_env.ENV_ID,
-            num_envs=cfg.round_prompts * cfg.group_size,
-            group_size=cfg.group_size,
-            tokenizer=cfg.engine.model_dir,
-            task=cfg.task,
-            verifier=cfg.verifier,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            max_response_tokens=cfg.max_response_tokens,
-            reward_scheme=RewardScheme(cfg.reward_scheme),
-            overlong_buffer=cfg.overlong_buffer or None,
+            num_envs=cfg.round_prompts * cfg.rollout.group_size,
+            group_size=cfg.rollout.group_size,
             autoreset_mode="SameStep",
+            **cfg.env_kwargs(),
         )
         self.sampling = cfg.sampling(self.venv.stop_ids)
         # A restarted worker (or a resumed run) draws a different problem stream.
@@ -250,7 +244,7 @@ class _Worker:
         """Sample G responses for each of the env's current prompts and score them."""
         if self.venv is None:
             self.make_env()
-        g_size = self.cfg.group_size
+        g_size = self.cfg.rollout.group_size
         obs = self.obs
         n_prompts = self.venv.num_envs // g_size
         heads = [g * g_size for g in range(n_prompts)]  # first sub-env of each group
