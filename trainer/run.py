@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 
 from server.launch import RewardServerError, start_reward_server, stop_process, wait_reward_server
-from trainer.config import USAGE, ConfigError, TrainConfig, parse_args, parse_cpus, save_yaml
+from trainer.config import (
+    USAGE,
+    ConfigError,
+    TrainConfig,
+    help_text,
+    parse_args,
+    parse_cpus,
+    save_yaml,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 # vLLM's per-weight load warnings and INFO lines would bury the progress bar.
@@ -356,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(help_text())
         return 0
     try:
         parsed = parse_args(args)

@@ -105,3 +105,27 @@ def test_prompt_limit_is_one_field_for_worker_engine_and_env() -> None:
     assert worker.env_kwargs(max_response_tokens=200)["overlong_buffer"] is None
     with pytest.raises(ConfigError, match="rollout.max_prompt_tokens must be >= 1"):
         parse_args(["rollout.max_prompt_tokens=0"])
+
+
+def test_help_lists_every_field_preset_and_algorithm() -> None:
+    import dataclasses
+
+    from trainer.config import PRESETS, help_text
+
+    text = help_text()
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"  {section.name}.{f.name}=" in text
+    assert "rollout.group_size=8  (integer)" in text and "G: samples per prompt." in text
+    assert all(f"  {name} " in text for name in PRESETS)
+    assert "  dr_grpo " in text
+
+
+def test_every_loss_preset_is_selectable() -> None:
+    from trainer.fipo import LOSS_PRESETS
+    from trainer.learner import build_loss_config
+
+    for name in LOSS_PRESETS:
+        build_loss_config(parse_args([f"algorithm.name={name}"]).config.algorithm)
+    dr = build_loss_config(parse_args(["algorithm.name=dr_grpo"]).config.algorithm)
+    assert dr.aggregation == "seq_mean_token_sum_norm"
