@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
+from test_engines_support import live_descendants  # noqa: E402
 
 from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
@@ -37,11 +37,6 @@ from trainer.rollout import (  # noqa: E402
 from trainer.types import Generation, RolloutGroup  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
 
 
 @pytest.fixture(scope="module")
