@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fipo_env.models import default_model_dir
-    from trainer.run import start_reward_server, stop_process, wait_reward_server
+    from server.launch import start_reward_server, stop_process, wait_reward_server
 
     model_dir = default_model_dir()
     out = Path(args.out_dir or f"/tmp/bench-trl-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -40,8 +40,7 @@ from server import guards
 from server.config import PoolConfig
 from server.rewards import make_result
 from server.supervisor import IDLE, IDLE_CHECK_S, Idle, Slot, Task, Worker
-from server.types import ScoreItem, ScoreResult, Status
-from server.verify import Verdict
+from server.types import ScoreItem, ScoreResult, Status, Verdict
 from server.worker import PRELOAD, MainModuleError, check_main_module, exit_if_reimporting_main
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from server.config import PoolConfig
-from server.types import ScoreItem, Status
-from server.verify import Verdict
+from server.types import ScoreItem, Status, Verdict
 from server.worker import MAIN_REIMPORT_EXIT, main_reimport_error, worker_main
 
 if TYPE_CHECKING:

@@ -120,3 +120,26 @@ class Scorer(Protocol):
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         """Score ``items`` and return one result per item, in the same order."""
         ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A worker's judgement of one item, before rewards.
+
+    Attributes:
+        status: OK, WRONG, NO_ANSWER, GOLD_UNPARSABLE, TIMEOUT or INTERNAL.
+        prediction: Extracted answer string (truncated).
+        gold: Parsed gold answer string (truncated).
+        message: Detail for non-OK/WRONG statuses.
+        flags: Notes such as ``exact_recheck_overturned``.
+        stages_ms: Milliseconds per stage: ``gold_parse``, ``pred_parse``, ``compare``.
+        gold_cache_hit: Whether every gold came from the gold cache.
+    """
+
+    status: Status
+    prediction: str = ""
+    gold: str = ""
+    message: str = ""
+    flags: tuple[str, ...] = ()
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    gold_cache_hit: bool = False

@@ -37,12 +37,11 @@ import re
 import signal
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 from server import pysyntax
 from server.config import VerifierConfig
-from server.types import AnswerFormat, ScoreItem, Status
+from server.types import AnswerFormat, ScoreItem, Status, Verdict
 
 MAX_REPORTED_CHARS = 1_000
 _CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -90,29 +89,6 @@ def is_unevaluated_expression(answer: str) -> bool:
 
 class SoftTimeout(BaseException):
     """Raised by the worker's interval timer; a BaseException so library code cannot swallow it."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A worker's judgement of one item, before rewards.
-
-    Attributes:
-        status: OK, WRONG, NO_ANSWER, GOLD_UNPARSABLE, TIMEOUT or INTERNAL.
-        prediction: Extracted answer string (truncated).
-        gold: Parsed gold answer string (truncated).
-        message: Detail for non-OK/WRONG statuses.
-        flags: Notes such as ``exact_recheck_overturned``.
-        stages_ms: Milliseconds per stage: ``gold_parse``, ``pred_parse``, ``compare``.
-        gold_cache_hit: Whether every gold came from the gold cache.
-    """
-
-    status: Status
-    prediction: str = ""
-    gold: str = ""
-    message: str = ""
-    flags: tuple[str, ...] = ()
-    stages_ms: dict[str, float] = field(default_factory=dict)
-    gold_cache_hit: bool = False
 
 
 def _on_alarm(signum: int, frame: Any) -> None:

@@ -110,7 +110,8 @@ def worker_main(conn: Connection, verifier_config: VerifierConfig, memory_limit_
     # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from server.verify import Verdict, Verifier
+    from server.types import Verdict
+    from server.verify import Verifier
 
     verifier = Verifier(verifier_config)
     # Warm up latex2sympy's lazily built parser before reporting ready, so the first real

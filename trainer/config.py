@@ -9,19 +9,25 @@ Loading order (later wins): preset (``cpu`` default, ``gpu``) -> YAML file ->
 ``key=value`` / ``--key value`` overrides with dotted keys, e.g.::
 
     python -m trainer.run rollout.group_size=8 --optim.lr 2e-5 --config my.yaml
+
+Parsing values, rejecting unknown fields and reading the field docstrings for ``--help``
+is pydantic's job (``build_config``, ``help_text``); what is left here is the command
+line's own spelling (``a.b=c``, ``--a.b c``, bare unambiguous keys) and the presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-ALGORITHMS = ("fipo", "dapo", "grpo")
+import pydantic
+
+RewardSchemeName = Literal["signed", "binary"]
 
 
 class ConfigError(ValueError):
@@ -156,6 +162,9 @@ class RolloutConfig:
     """Prompt groups per training step (after dynamic sampling)."""
     group_size: int = 8
     """G: samples per prompt."""
+    max_prompt_tokens: int = 256
+    """Longest chat-templated prompt, in tokens (longer problems are redrawn); with the
+    response limit it sizes the engine's context (``max_model_len``)."""
     max_response_tokens: int = 96
     """Response-length limit (L_max); longer responses are truncated."""
     overlong_buffer: int = 0
@@ -214,6 +223,13 @@ class RolloutConfig:
             "group_size",
             "must be >= 2 (group-normalised advantages need two samples)",
             self.group_size,
+        )
+        _check(
+            self.max_prompt_tokens >= 1,
+            s,
+            "max_prompt_tokens",
+            "must be >= 1",
+            self.max_prompt_tokens,
         )
         _check(
             self.max_response_tokens >= 1,
@@ -281,6 +297,16 @@ class RolloutConfig:
         )
 
 
+def algorithm_names() -> dict[str, str]:
+    """The selectable algorithms, each with its one-line meaning: the loss presets of
+    ``trainer.fipo.LOSS_PRESETS``, the one registry of loss names."""
+    from trainer.fipo import LOSS_PRESETS  # imports torch: only when a name is checked
+
+    return {
+        name: (make.__doc__ or "").strip().split("\n")[0] for name, make in LOSS_PRESETS.items()
+    }
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """Which policy-gradient variant, and overrides of its loss preset.
@@ -290,9 +316,11 @@ class AlgorithmConfig:
 
     SECTION: ClassVar[str] = "algorithm"
 
-    name: Literal["fipo", "dapo", "grpo"] = "fipo"
-    """Loss preset: ``fipo`` (Future-KL weights), ``dapo`` (FIPO without them),
-    ``grpo`` (symmetric clip, sequence-mean)."""
+    name: str = "fipo"
+    """Loss preset, a name of the ``trainer.fipo.LOSS_PRESETS`` registry: ``fipo``
+    (Future-KL weights), ``dapo`` (FIPO without them), ``grpo`` (symmetric clip,
+    sequence-mean), ``dr_grpo`` (GRPO's clip, constant-length normaliser; pair it with
+    ``algorithm.normalize_std=false`` for Dr. GRPO's advantage)."""
     decay_rate: float | None = None
     """Future-KL half-life tau in tokens (gamma = 2^(-1/tau))."""
     influence_clip: float | None = None
@@ -307,7 +335,7 @@ class AlgorithmConfig:
     """eps_lo of the PPO clip."""
     clip_high: float | None = None
     """eps_hi of the PPO clip (clip-higher)."""
-    reward_scheme: Literal["signed", "binary"] = "signed"
+    reward_scheme: RewardSchemeName = "signed"
     """Verifier reward: +1/-1 (DAPO/FIPO) or 1/0."""
     normalize_std: bool = True
     """Divide group advantages by the group std (False = Dr. GRPO)."""
@@ -318,7 +346,8 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _check(self.name in ALGORITHMS, s, "name", f"must be one of {ALGORITHMS}", self.name)
+        names = tuple(algorithm_names())
+        _check(self.name in names, s, "name", f"must be one of {names}", self.name)
         for name in ("decay_rate", "dual_clip", "safety_threshold"):
             value = getattr(self, name)
             _check(value is None or value > 0, s, name, "must be > 0", value)
@@ -488,6 +517,12 @@ def parse_cpus(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+# What each preset is for (printed by --help).
+PRESET_NOTES = {
+    "cpu": "(default) sized for a 2-core CPU: small additions with the embedded 135M model",
+    "gpu": "the paper's recipe scaled down for one 80 GB GPU and a ~0.5B model (pass model.path)",
+}
+
 # Presets are override dicts applied on top of the dataclass defaults (= the CPU preset).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Sized for a 2-core CPU: one-digit additions with the embedded 135M model.
@@ -520,101 +555,73 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML / CLI value to ``annotation``, with an error naming ``where``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot parse {value!r}")
-    if origin is Literal:
-        text = str(value)
-        if text not in [str(a) for a in args]:
-            raise ConfigError(f"{where} must be one of {list(args)} (got {value!r})")
-        return text
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where} must be a boolean (true/false) (got {value!r})")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer (got {value!r})")
-        try:
-            number = float(value) if not isinstance(value, int) else value
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be an integer (got {value!r})") from None
-        if int(number) != number:
-            raise ConfigError(f"{where} must be an integer (got {value!r})")
-        return int(number)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number (got {value!r})")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number (got {value!r})") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where} must be a string (got {value!r})")
-        return "" if value is None else str(value)
-    raise ConfigError(f"{where}: unsupported type {annotation!r}")
+# pydantic (pinned in requirements.lock) validates these plain dataclasses: it coerces
+# YAML / CLI values to the annotated types, rejects unknown fields, and reads each field's
+# docstring (its JSON schema drives ``--help``). The dataclasses stay plain: built
+# directly, they validate in ``__post_init__`` alone.
+_PYDANTIC = {"extra": "forbid", "use_attribute_docstrings": True, "coerce_numbers_to_str": True}
+
+
+@functools.cache
+def _adapter() -> pydantic.TypeAdapter[TrainConfig]:
+    for cls in (TrainConfig, *_sections().values()):
+        cls.__pydantic_config__ = pydantic.ConfigDict(**_PYDANTIC)  # type: ignore[attr-defined]
+    return pydantic.TypeAdapter(TrainConfig)
+
+
+def _config_error(exc: pydantic.ValidationError) -> ConfigError:
+    """The first problem pydantic found, as a ``ConfigError`` naming ``section.field``."""
+    err = exc.errors()[0]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):  # raised by a __post_init__ check
+        return cause
+    loc = [str(part) for part in err["loc"]]
+    where, kind, got = ".".join(loc), err["type"], err.get("input")
+    if kind == "unexpected_keyword_argument" and len(loc) == 1:
+        return ConfigError(f"unknown config section {loc[0]!r}; known: {sorted(_sections())}")
+    if kind == "unexpected_keyword_argument":
+        known = ", ".join(f.name for f in dataclasses.fields(_sections()[loc[0]]))
+        return ConfigError(f"unknown field {where}; {loc[0]} has: {known}")
+    rule = {
+        "int": "must be an integer",
+        "float": "must be a number",
+        "bool": "must be a boolean (true/false)",
+        "string": "must be a string",
+        "literal": f"must be {err.get('ctx', {}).get('expected', 'one of its choices')}",
+    }.get(kind.partition("_")[0], err["msg"])
+    return ConfigError(f"{where} {rule} (got {got!r})")
+
+
+def build_config(values: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested raw values (YAML, CLI text).
+
+    Raises:
+        ConfigError: Unknown section / field, unparsable or invalid value.
+    """
+    try:
+        return _adapter().validate_python(values)
+    except pydantic.ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: str) -> None:
-    sections = _section_types()
     for section, values in update.items():
-        if section not in sections:
+        if section not in _sections():
             raise ConfigError(
-                f"unknown config section {section!r} in {origin}; known: {sorted(sections)}"
+                f"unknown config section {section!r} in {origin}; known: {sorted(_sections())}"
             )
         if not isinstance(values, Mapping):
             raise ConfigError(f"{section} in {origin} must be a mapping of fields")
         base.setdefault(section, {}).update(values)
 
 
-def build_config(values: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from nested raw values.
-
-    Raises:
-        ConfigError: Unknown section / field, unparsable or invalid value.
-    """
-    sections = _section_types()
-    built: dict[str, Any] = {}
-    for name, cls in sections.items():
-        raw = dict(values.get(name, {}))
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown field {name}.{unknown[0]}; {name} has: {', '.join(sorted(known))}"
-            )
-        kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
-        built[name] = cls(**kwargs)
-    return TrainConfig(**built)
-
-
 def _resolve_key(key: str) -> tuple[str, str]:
     """Map ``section.field`` (or an unambiguous bare ``field``) to its section and field."""
-    sections = _section_types()
+    sections = _sections()
     if "." in key:
         section, _, name = key.partition(".")
         if section not in sections:
@@ -630,6 +637,15 @@ def _resolve_key(key: str) -> tuple[str, str]:
     if not owners:
         raise ConfigError(f"unknown config key {key!r}; use section.field, e.g. run.steps")
     raise ConfigError(f"ambiguous key {key!r}: use one of {[f'{o}.{key}' for o in owners]}")
+
+
+def _cli_value(section: str, name: str, text: str) -> Any:
+    """A command-line value: ``none`` / ``null`` mean None where the field allows it."""
+    cls = _sections()[section]
+    hint = typing.get_type_hints(cls).get(name)
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    return text
 
 
 @dataclass(frozen=True)
@@ -650,7 +666,36 @@ USAGE = """usage: python -m trainer.run [--preset cpu|gpu] [--config FILE.yaml] 
 Trains the embedded default (SmolLM2-135M-Instruct on built-in arithmetic) when given
 no arguments. Sections: model, task, rollout, algorithm, optim, eval, run.
 Examples: rollout.group_size=8  --optim.lr 2e-5  --model /path/to/hf_model  algorithm.name=dapo
+Later wins: preset -> --config file -> overrides. `--help` lists every field.
 """
+
+
+def help_text(width: int = 88) -> str:
+    """The full ``--help``: usage, presets, algorithms, then every field of every section
+    with its type, default and meaning (from the field docstrings)."""
+    import textwrap
+
+    schema = _adapter().json_schema()
+    out = [USAGE, "presets (--preset):"]
+    out += [f"  {name:10s} {note}" for name, note in PRESET_NOTES.items()]
+    out.append("\nalgorithms (algorithm.name):")
+    out += [f"  {name:10s} {meaning}" for name, meaning in algorithm_names().items()]
+    for section, cls in _sections().items():
+        spec = schema["$defs"][cls.__name__]
+        out.append(f"\n{section}: {(spec.get('description') or '').splitlines()[0]}")
+        for name, prop in spec["properties"].items():
+            kinds = prop.get("anyOf", [prop])
+            kind = " | ".join(
+                "|".join(map(str, k["enum"])) if "enum" in k else k.get("type", "?") for k in kinds
+            )
+            default = prop.get("default")
+            shown = "''" if default == "" else "none" if default is None else default
+            out.append(
+                f"  {section}.{name}={str(shown).lower() if isinstance(default, bool) else shown}  ({kind})"
+            )
+            text = " ".join((prop.get("description") or "").split())
+            out += textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(out)
 
 
 def parse_args(argv: Sequence[str]) -> CliArgs:
@@ -701,7 +746,7 @@ def parse_args(argv: Sequence[str]) -> CliArgs:
         _merge(values, values_file, config_file)
     for key, value in overrides:
         section, name = _resolve_key(key)
-        values.setdefault(section, {})[name] = value
+        values.setdefault(section, {})[name] = _cli_value(section, name, value)
     config = build_config(values)
     return CliArgs(config=config, resume=resume, overrides=tuple(f"{k}={v}" for k, v in overrides))
 

@@ -9,13 +9,16 @@ answer extraction and the verifier are exactly those of training.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    from fipo_env.envs.math_reasoning import MathReasoningEnv
+    from fipo_env.tasks import Problem
+    from trainer.rollout import ProcessRolloutSource, RolloutWorkerConfig
 
 
 class GreedyGenerator(Protocol):
@@ -26,72 +29,15 @@ class GreedyGenerator(Protocol):
         ...
 
 
-class HFGreedyGenerator:
-    """Greedy decoding with Hugging Face ``generate`` on a live model (no weight sync).
-
-    Args:
-        model: The causal LM (the learner's policy: eval sees the latest weights).
-        pad_id: Padding token id (prompts are left-padded).
-        stop_ids: Token ids that end a response.
-        batch_size: Prompts decoded together.
-        autocast_dtype: ``torch.bfloat16`` or ``None``.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        pad_id: int,
-        stop_ids: Sequence[int],
-        batch_size: int = 64,
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
-    ):
-        self.model = model
-        self.pad_id = pad_id
-        self.stop_ids = list(stop_ids)
-        self.batch_size = batch_size
-        self.autocast_dtype = autocast_dtype
-
-    @torch.no_grad()
-    def generate_greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
-        device = next(self.model.parameters()).device
-        out: list[list[int]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-                attn[i, width - len(p) :] = 1
-            ctx = (
-                torch.autocast(device.type, dtype=self.autocast_dtype)
-                if self.autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                gen = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attn.to(device),
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                )
-            for row in gen[:, width:].tolist():
-                cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
-                out.append(row[:cut])
-        return out
-
-
 class SourceGreedyGenerator:
     """Greedy decoding through the rollout worker's engine (vLLM), with its current weights.
 
     Args:
-        source: A ``trainer.engines.source.ProcessRolloutSource`` (its ``generate``).
+        source: The rollout worker's source (its ``generate``).
         stop_ids: The env's stop token ids.
     """
 
-    def __init__(self, source: Any, stop_ids: Sequence[int]):
+    def __init__(self, source: ProcessRolloutSource, stop_ids: Sequence[int]):
         self.source = source
         self.stop_ids = tuple(int(t) for t in stop_ids)
 
@@ -109,7 +55,7 @@ class SourceGreedyGenerator:
 EVAL_FRACTION = 0.1
 
 
-def held_out_problems(task_spec: str, n: int, seed: int) -> list[Any]:
+def held_out_problems(task_spec: str, n: int, seed: int) -> list[Problem]:
     """``n`` distinct problems of the task's eval split (deterministic for ``seed``)."""
     from fipo_env.tasks import make_task, sample_problems
 
@@ -119,23 +65,17 @@ def held_out_problems(task_spec: str, n: int, seed: int) -> list[Any]:
     return sample_problems(task, n, seed)
 
 
-def make_eval_env(config: Any, model_dir: Any, verifier: str) -> Any:
-    """The single token-level env used to pose and score held-out problems."""
+def make_eval_env(worker: RolloutWorkerConfig, max_response_tokens: int) -> MathReasoningEnv:
+    """The single token-level env used to pose and score held-out problems: the rollout
+    worker's env settings (task, verifier, prompt limit, reward scheme) with eval's
+    response limit and no overlong penalty."""
     from fipo_env.envs.math_reasoning import MathReasoningEnv
-    from server.types import RewardScheme
 
-    return MathReasoningEnv(
-        tokenizer=str(model_dir),
-        task=config.task.spec,
-        verifier=verifier,
-        max_prompt_tokens=256,
-        max_response_tokens=config.eval_max_tokens,
-        reward_scheme=RewardScheme(config.algorithm.reward_scheme),
-    )
+    return MathReasoningEnv(**worker.env_kwargs(max_response_tokens=max_response_tokens))
 
 
 def evaluate(
-    generator: GreedyGenerator, env: Any, problems: Sequence[Any], max_tokens: int
+    generator: GreedyGenerator, env: MathReasoningEnv, problems: Sequence[Problem], max_tokens: int
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy accuracy and response length on ``problems``.
 
@@ -191,7 +131,7 @@ def evaluate(
     return metrics, samples
 
 
-def _finish_without_stop(env: Any, info: dict[str, Any]) -> dict[str, Any]:
+def _finish_without_stop(env: MathReasoningEnv, info: dict[str, Any]) -> dict[str, Any]:
     """Feed single filler steps until the env's length limit ends the episode.
 
     Only reached when a generator returns fewer tokens than the limit without a stop token

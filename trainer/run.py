@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import USAGE, ConfigError, TrainConfig, parse_args, parse_cpus, save_yaml
+from server.launch import RewardServerError, start_reward_server, stop_process, wait_reward_server
+from trainer.config import (
+    USAGE,
+    ConfigError,
+    TrainConfig,
+    help_text,
+    parse_args,
+    parse_cpus,
+    save_yaml,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 # vLLM's per-weight load warnings and INFO lines would bury the progress bar.
@@ -42,10 +49,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 # transformers' per-load progress bars and advisory warnings are not the user's to act on.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-class RewardServerError(RuntimeError):
-    """The reward server could not be started or reached."""
 
 
 # --------------------------------------------------------------------------------------
@@ -89,87 +92,6 @@ class _Stopper:
             self._waiting = False
 
 
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM when the trainer dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_reward_server(workers: int, log_path: Path, timeout_s: float = 180.0):
-    """Start ``python -m server`` on a free port; return ``(process, address)``.
-
-    Raises:
-        RewardServerError: It exited or did not report its address within ``timeout_s``.
-    """
-    offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends
-    log = open(log_path, "ab")  # noqa: SIM115 -- owned by the child for its lifetime
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--no-metrics",
-           "--workers", str(workers)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)  # fmt: skip
-    log.close()
-    deadline = time.monotonic() + timeout_s
-    pattern = re.compile(r'"address":\s*"([^"]+)"')
-    while time.monotonic() < deadline:
-        match = pattern.search(log_path.read_bytes()[offset:].decode(errors="replace"))
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RewardServerError(
-                f"the reward server exited with code {proc.returncode} at start:\n{tail}"
-            )
-        time.sleep(0.2)
-    stop_process(proc)
-    raise RewardServerError(f"the reward server did not start within {timeout_s:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM, wait, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def wait_reward_server(address: str, timeout_s: float = 60.0) -> None:
-    """Check that ``address`` serves (gRPC health SERVING), retrying with back-off.
-
-    Raises:
-        RewardServerError: Still unreachable after ``timeout_s``; says how to fix it.
-    """
-    from server.client import RewardClient
-
-    deadline = time.monotonic() + timeout_s
-    delay, last, attempts = 0.5, "", 0
-    while True:
-        attempts += 1
-        client = RewardClient(address)
-        try:
-            status = client.health(timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
-            if status == "SERVING":
-                return
-            last = f"health status {status}"
-        except Exception as exc:  # noqa: BLE001 -- any failure means "not reachable yet"
-            last = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        finally:
-            client.close()
-        if time.monotonic() + delay > deadline:
-            break
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
-    raise RewardServerError(
-        f"reward server at {address} is unreachable after {attempts} attempts in "
-        f"{timeout_s:.0f} s ({last}). Start one with `python -m server --port PORT`, or leave "
-        "rollout.reward_address empty to let the trainer start its own."
-    )
-
-
 def make_run_dir(cfg: TrainConfig, resume: str) -> Path:
     """The run folder: the resumed one, or a new ``out_dir/name`` (timestamp by default)."""
     if resume:
@@ -208,60 +130,6 @@ def resolve_precision(cfg: TrainConfig):
         rollout=dataclasses.replace(cfg.rollout, dtype=p.engine_dtype),
     )
     return cfg, p
-
-
-def engine_threads(cfg: TrainConfig) -> int | None:
-    """Threads of the rollout engine: ``rollout.engine_threads``, or the cores the learner
-    leaves (its own pinning, when the worker is pinned, decides instead)."""
-    if cfg.rollout.engine_threads:
-        return cfg.rollout.engine_threads
-    if cfg.rollout.worker_cpus:
-        return None  # the worker sets its threads from its CPU affinity
-    cores = len(os.sched_getaffinity(0))
-    return max(1, cores - max(cfg.model.num_threads, 0) if cfg.model.num_threads else cores // 2)
-
-
-def rollout_worker_config(
-    cfg: TrainConfig, model_dir: Path, verifier: str, log_file: str | Path = ""
-):
-    """The rollout helper's worker config, from ours."""
-    from trainer.engines.base import EngineConfig
-    from trainer.engines.rollout import RolloutWorkerConfig
-
-    r = cfg.rollout
-    max_prompt = 256
-    engine = EngineConfig(
-        model_dir=str(model_dir),
-        kind=r.engine,
-        dtype=r.dtype,
-        seed=cfg.run.seed,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        kv_cache_gib=r.kv_cache_gib,
-        max_num_seqs=r.prompts_per_step * r.group_size,
-        cpu_threads=engine_threads(cfg),
-        max_model_len=max_prompt + max(r.max_response_tokens, cfg.eval_max_tokens),
-    )
-    return RolloutWorkerConfig(
-        engine=engine,
-        task=cfg.task.spec,
-        verifier=verifier,
-        group_size=r.group_size,
-        groups_per_batch=r.prompts_per_step,
-        max_prompt_tokens=max_prompt,
-        max_response_tokens=r.max_response_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        reward_scheme=cfg.algorithm.reward_scheme,
-        overlong_buffer=r.overlong_buffer or None,
-        dynamic_sampling=r.dynamic_sampling,
-        max_sampling_rounds=r.max_sampling_rounds,
-        max_staleness=r.max_staleness,
-        seed=cfg.task.seed,
-        cpus=parse_cpus(r.worker_cpus),
-        start_timeout_s=r.start_timeout_s,
-        request_timeout_s=r.request_timeout_s,
-        log_file=str(log_file),
-    )
 
 
 def batch_metrics(batch: Any, learner_version: int) -> dict[str, float]:
@@ -318,10 +186,10 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from fipo_env.models import load_tokenizer, resolve_model_dir
     from trainer.advantages import group_advantages
     from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-    from trainer.engines.source import ProcessRolloutSource
     from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
     from trainer.learner import Learner, build_loss_config
     from trainer.plots import MetricsLog, write_plots
+    from trainer.rollout import ProcessRolloutSource, rollout_worker_config
 
     stopper = _Stopper()
     stopper.install()
@@ -366,8 +234,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                   flush=True)  # fmt: skip
 
         # Rollout worker (engine + env + verifier in its own process) and weight publisher.
+        worker_cfg = rollout_worker_config(
+            cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"
+        )
         source = ProcessRolloutSource(
-            rollout_worker_config(cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"),
+            worker_cfg,
             initial_version=learner.version,
             initial_weights=learner.hf_state_dict() if learner.version else None,
             autostart=False,  # the first eval runs before rollouts compete for the CPU
@@ -387,7 +258,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
             learner.thread_policy = lambda: busy_threads if source.worker_busy() else idle_threads
 
         # Held-out eval: same env, verifier and engine, greedy.
-        eval_env = make_eval_env(cfg, model_dir, address)
+        eval_env = make_eval_env(worker_cfg, cfg.eval_max_tokens)
         stack.callback(eval_env.close)
         problems = held_out_problems(cfg.task.spec, cfg.eval.num_problems, cfg.task.eval_seed)
         generator = SourceGreedyGenerator(source, eval_env.stop_ids)
@@ -489,11 +360,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``fipo-train``); returns the exit code."""
-    from trainer.engines.source import RolloutWorkerError
+    from trainer.rollout import RolloutWorkerError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(help_text())
         return 0
     try:
         parsed = parse_args(args)

@@ -96,7 +96,7 @@ def test_engine_threads_leave_the_learner_its_cores(monkeypatch: pytest.MonkeyPa
     """OpenMP threads spin: engine + learner threads must not exceed the cores."""
     import os
 
-    from trainer.run import engine_threads, rollout_worker_config
+    from trainer.rollout.config import engine_threads, rollout_worker_config
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert engine_threads(parse_args([]).config) == 1  # 2 cores - 1 learner thread
@@ -110,3 +110,42 @@ def test_engine_threads_leave_the_learner_its_cores(monkeypatch: pytest.MonkeyPa
     assert worker.engine.cpu_threads == 15 and worker.engine.dtype == "float32"
     assert worker.engine.kv_cache_gib == 0.5 and worker.log_file == "/tmp/w.log"
     assert worker.engine.max_num_seqs == cfg.rollout.prompts_per_step * cfg.rollout.group_size
+
+
+def test_prompt_limit_is_one_field_for_worker_engine_and_env() -> None:
+    """rollout.max_prompt_tokens reaches the worker, the env and the engine's context."""
+    from trainer.rollout.config import rollout_worker_config
+
+    cfg = parse_args(["rollout.max_prompt_tokens=128", "eval.max_response_tokens=200"]).config
+    worker = rollout_worker_config(cfg, Path("/m"), "127.0.0.1:1")
+    assert worker.rollout is cfg.rollout
+    assert worker.engine.max_model_len == 128 + 200
+    assert worker.env_kwargs()["max_prompt_tokens"] == 128
+    assert worker.env_kwargs(max_response_tokens=200)["max_response_tokens"] == 200
+    assert worker.env_kwargs(max_response_tokens=200)["overlong_buffer"] is None
+    with pytest.raises(ConfigError, match="rollout.max_prompt_tokens must be >= 1"):
+        parse_args(["rollout.max_prompt_tokens=0"])
+
+
+def test_help_lists_every_field_preset_and_algorithm() -> None:
+    import dataclasses
+
+    from trainer.config import PRESETS, help_text
+
+    text = help_text()
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"  {section.name}.{f.name}=" in text
+    assert "rollout.group_size=8  (integer)" in text and "G: samples per prompt." in text
+    assert all(f"  {name} " in text for name in PRESETS)
+    assert "  dr_grpo " in text
+
+
+def test_every_loss_preset_is_selectable() -> None:
+    from trainer.fipo import LOSS_PRESETS
+    from trainer.learner import build_loss_config
+
+    for name in LOSS_PRESETS:
+        build_loss_config(parse_args([f"algorithm.name={name}"]).config.algorithm)
+    dr = build_loss_config(parse_args(["algorithm.name=dr_grpo"]).config.algorithm)
+    assert dr.aggregation == "seq_mean_token_sum_norm"

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engines_support import (  # noqa: E402
     check_well_formed,
-    make_tiny_model,
     perturb_,
     teacher_forced_logprobs,
 )
@@ -26,11 +25,6 @@ from test_engines_support import (  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig  # noqa: E402
 from trainer.engines.base import validate_prompts  # noqa: E402
 from trainer.engines.weights import WeightFiles, iter_weights, save_weights  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,23 @@ def make_tiny_model(dst: Path, tokenizer_src: Path, seed: int = 0) -> Path:
     return dst
 
 
+def tiny_llama(vocab: int = 97, seed: int = 0):
+    """A 2-layer, 32-wide random Llama over ``vocab`` tokens (no tokenizer), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def teacher_forced_logprobs(model, prompt: Sequence[int], response: Sequence[int]) -> torch.Tensor:
     """Log-prob of each response token under ``model`` (temperature 1), ``[T]``."""
     ids = torch.tensor([list(prompt) + list(response)], device=model.device)

@@ -26,13 +26,9 @@ from test_engines_support import (  # noqa: E402
     teacher_forced_logprobs,
 )
 
-from trainer.engines import (  # noqa: E402
-    EngineConfig,
-    ProcessRolloutSource,
-    RolloutWorkerConfig,
-    SamplingConfig,
-    vllm_available,
-)
+from trainer.config import RolloutConfig  # noqa: E402
+from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
+from trainer.rollout import ProcessRolloutSource, RolloutWorkerConfig  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -79,12 +75,14 @@ def source(default_model_dir):
             max_num_seqs=8,
             max_model_len=512,
         ),
-        group_size=4,
-        groups_per_batch=2,
-        max_prompt_tokens=128,
-        max_response_tokens=48,
-        max_staleness=0,
-        max_sampling_rounds=2,
+        rollout=RolloutConfig(
+            group_size=4,
+            prompts_per_step=2,
+            max_prompt_tokens=128,
+            max_response_tokens=48,
+            max_staleness=0,
+            max_sampling_rounds=2,
+        ),
     )
     src = ProcessRolloutSource(cfg, autostart=False)
     yield src

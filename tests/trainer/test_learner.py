@@ -19,25 +19,6 @@ from trainer.types import RolloutBatch, RolloutGroup  # noqa: E402
 VOCAB = 64
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def _batch(seed: int, groups: int = 3, g: int = 4, version: int = 0) -> RolloutBatch:
     rng = np.random.default_rng(seed)
     out = []

@@ -9,25 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from test_engines_support import tiny_llama  # noqa: E402 (tests/trainer/conftest.py puts it on sys.path)
+
 from trainer.logprobs import chunked_token_logprobs, micro_batch_logprobs  # noqa: E402
 from trainer.packing import Sequences, make_micro_batch  # noqa: E402
 from trainer.segment_attention import use_segment_attention  # noqa: E402
-
-
-def _tiny_llama(vocab: int = 97):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -74,7 +60,7 @@ def _shared_prompt_rows() -> Sequences:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["padded", "shared-prompt"])
 def test_micro_batch_logprobs_match_model_logits(shared: bool) -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     if shared:
         use_segment_attention(model)
     seqs = _shared_prompt_rows()
@@ -94,7 +80,7 @@ def test_shared_prompt_layout_gives_the_padded_layouts_gradients() -> None:
     weights = torch.linspace(-1, 1, 8)  # a fixed, non-uniform loss over the tokens
     grads = []
     for shared in (False, True):
-        model = _tiny_llama()
+        model = tiny_llama()
         if shared:
             use_segment_attention(model)
         mb = make_micro_batch(seqs, range(len(seqs)), pad_id=0, shared_prompt=shared)
@@ -122,7 +108,7 @@ def test_recomputed_chunks_give_the_same_gradients_as_kept_ones() -> None:
 
 
 def test_shared_prompt_micro_batch_needs_block_attention() -> None:
-    model = _tiny_llama()  # not switched to block attention
+    model = tiny_llama()  # not switched to block attention
     seqs = _shared_prompt_rows()
     mb = make_micro_batch(seqs, range(len(seqs)), pad_id=0, shared_prompt=True)
     with pytest.raises(ValueError, match="block attention"):

@@ -10,6 +10,7 @@ the versions and the worker's own report of what it is waiting for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -21,26 +22,21 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
+from test_engines_support import live_descendants  # noqa: E402
 
-from trainer.engines import (  # noqa: E402
-    EngineConfig,
+from trainer.config import RolloutConfig  # noqa: E402
+from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
+from trainer.rollout import (  # noqa: E402
     ProcessRolloutSource,
+    RolloutTimeoutError,
     RolloutWorkerConfig,
     RolloutWorkerError,
-    SamplingConfig,
-    vllm_available,
+    build_groups,
+    keep_informative,
 )
-from trainer.engines.rollout import build_groups, keep_informative  # noqa: E402
-from trainer.engines.source import RolloutTimeoutError  # noqa: E402
 from trainer.types import Generation, RolloutGroup  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +47,19 @@ def tiny_weights(tiny_dir):
 
 
 def worker_config(model_dir, **kw) -> RolloutWorkerConfig:
-    base = {
-        "engine": EngineConfig(model_dir=str(model_dir), kind="hf", dtype="float32"),
+    """A small worker config; ``kw`` may name ``rollout`` fields or worker fields."""
+    rollout = {
         "group_size": 2,
-        "groups_per_batch": 2,
+        "prompts_per_step": 2,
         "max_prompt_tokens": 96,
         "max_response_tokens": 6,
         "dynamic_sampling": False,
-        "cpus": (),
     }
-    base.update(kw)
-    return RolloutWorkerConfig(**base)
+    worker = {"engine": EngineConfig(model_dir=str(model_dir), kind="hf", dtype="float32")}
+    worker_fields = {f.name for f in dataclasses.fields(RolloutWorkerConfig)}
+    for key, value in kw.items():  # `engine` is the worker's EngineConfig, not rollout.engine
+        (worker if key in worker_fields else rollout)[key] = value
+    return RolloutWorkerConfig(rollout=RolloutConfig(**rollout), **worker)
 
 
 def assert_no_orphans(source: ProcessRolloutSource, pid: int | None) -> None:
@@ -217,8 +215,8 @@ def test_worker_start_failure_is_a_clear_error(tmp_path):
 _FAKE_WORKER = """
 import os, subprocess, sys, time
 os.setpgid(0, 0)
-from trainer.engines.rollout import _die_with_parent
-_die_with_parent()
+from trainer.rollout.procs import die_with_parent
+die_with_parent()
 child = subprocess.Popen(["sleep", "600"])  # like vLLM's EngineCore: unaware of our parent
 print(os.getpid(), child.pid, flush=True)
 time.sleep(600)
@@ -318,7 +316,7 @@ def test_a_worker_that_does_not_answer_in_time_names_phase_and_setting(tiny_dir)
 
 
 def test_a_generate_requests_wait_grows_with_the_work(tiny_dir):
-    from trainer.engines.source import MIN_TOKENS_PER_S, request_timeout
+    from trainer.rollout.source import MIN_TOKENS_PER_S, request_timeout
 
     cfg = worker_config(tiny_dir, request_timeout_s=60.0)
     assert request_timeout(cfg, prompts=1, n=1, max_tokens=1) == pytest.approx(

@@ -1,11 +1,11 @@
-"""Rollout engines, weight sync and the rollout worker process.
+"""Rollout engine adapters and the weight files they load.
 
 - ``base``: the ``Engine`` protocol, ``SamplingConfig``, ``EngineConfig``, ``make_engine``.
 - ``vllm_engine``: vLLM adapter + the worker extension that reloads weights in place.
 - ``hf_engine``: Hugging Face ``generate`` fallback (machines without vLLM).
 - ``weights``: state dict <-> safetensors file in ``/dev/shm``.
-- ``rollout``: the worker process (env-driven groups, dynamic sampling, staleness bound).
-- ``source``: ``ProcessRolloutSource``, the learner's ``RolloutSource`` + ``WeightPublisher``.
+
+The rollout worker process that drives an engine is ``trainer.rollout``.
 
 Only light modules are imported here; vLLM and transformers load when an engine is built.
 """
@@ -17,15 +17,10 @@ from trainer.engines.base import (
     make_engine,
     vllm_available,
 )
-from trainer.engines.rollout import RolloutWorkerConfig
-from trainer.engines.source import ProcessRolloutSource, RolloutWorkerError
 
 __all__ = [
     "Engine",
     "EngineConfig",
-    "ProcessRolloutSource",
-    "RolloutWorkerConfig",
-    "RolloutWorkerError",
     "SamplingConfig",
     "make_engine",
     "vllm_available",

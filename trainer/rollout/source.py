@@ -2,7 +2,7 @@
 
 It implements both halves of the rollout / learner boundary of ``trainer.types``:
 ``RolloutSource`` (``next_batch``) and ``WeightPublisher`` (``publish``). It starts the
-worker (``trainer.engines.rollout.worker_main``) in a spawned process, supervises it
+worker (``trainer.rollout.worker.worker_main``) in a spawned process, supervises it
 (restarts it when it crashes, at most ``max_restarts`` times, from the latest published
 weights), and stops it and every process it started on ``close()``.
 
@@ -37,15 +37,10 @@ from typing import Any
 import torch
 
 from trainer.engines.base import SamplingConfig
-from trainer.engines.rollout import (
-    POLL_S,
-    RolloutWorkerConfig,
-    WorkerStart,
-    read_pickle,
-    worker_main,
-    write_pickle,
-)
 from trainer.engines.weights import WeightFiles
+from trainer.rollout.config import RolloutWorkerConfig, WorkerStart
+from trainer.rollout.procs import POLL_S, read_pickle, write_pickle
+from trainer.rollout.worker import worker_main
 from trainer.types import Generation, RolloutBatch
 
 
@@ -64,10 +59,10 @@ MIN_TOKENS_PER_S = 2.0
 
 
 def request_timeout(cfg: RolloutWorkerConfig, prompts: int, n: int, max_tokens: int) -> float:
-    """Longest wait for a ``generate`` request: ``cfg.request_timeout_s`` plus the tokens it
+    """Longest wait for a ``generate`` request: ``cfg.rollout.request_timeout_s`` plus the tokens it
     may produce at ``MIN_TOKENS_PER_S`` (a 200-problem eval must not time out on a slow
     CPU the way a weight sync should)."""
-    return cfg.request_timeout_s + prompts * n * max_tokens / MIN_TOKENS_PER_S
+    return cfg.rollout.request_timeout_s + prompts * n * max_tokens / MIN_TOKENS_PER_S
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ class _Proc:
         self.ctrl = ctx.Queue()
         self.events = ctx.Queue()
         # Bounded: the worker runs at most max_staleness batches ahead (one when synchronous).
-        self.batches = ctx.Queue(maxsize=max(1, cfg.max_staleness))
+        self.batches = ctx.Queue(maxsize=max(1, cfg.rollout.max_staleness))
         # Set by the worker while it generates (the learner may use every core otherwise).
         self.busy = ctx.Value("b", 0, lock=False)
         # Not a daemon: daemonic processes may not have children, and vLLM starts some.
@@ -166,7 +161,7 @@ class ProcessRolloutSource:
         cfg: Worker settings (engine, task, verifier, group size, staleness...).
         initial_version: The learner's policy version now (``0`` for a new run, the
             checkpoint's version on resume). Batch ``b`` is made by a version
-            ``>= initial_version + b - cfg.max_staleness``.
+            ``>= initial_version + b - cfg.rollout.max_staleness``.
         initial_weights: State dict (HF names) to serve instead of the model directory's
             weights, e.g. a resumed checkpoint's; ``None`` serves the directory's.
         autostart: Start producing batches at once (``True``) or on the first
@@ -251,11 +246,11 @@ class ProcessRolloutSource:
         Raises:
             RolloutWorkerError: The worker could not start (e.g. bad model directory).
             RolloutTimeoutError: It did not start in ``timeout_s`` (default
-                ``cfg.start_timeout_s``).
+                ``cfg.rollout.start_timeout_s``).
         """
         self._check_open()
         wait = _Wait.start(
-            "start-up", timeout_s or self.cfg.start_timeout_s, "rollout.start_timeout_s"
+            "start-up", timeout_s or self.cfg.rollout.start_timeout_s, "rollout.start_timeout_s"
         )
         while not self._proc.ready:
             self._pump(wait)
@@ -270,13 +265,13 @@ class ProcessRolloutSource:
                 bound makes that batch impossible (it would wait forever).
         """
         self._check_open()
-        allowed = self._version - self._base_version + self.cfg.max_staleness
+        allowed = self._version - self._base_version + self.cfg.rollout.max_staleness
         if self._received > allowed:
             raise RuntimeError(
                 f"next_batch() for batch {self._received} needs policy version "
-                f">= {self._base_version + self._received - self.cfg.max_staleness}, but the "
+                f">= {self._base_version + self._received - self.cfg.rollout.max_staleness}, but the "
                 f"newest published is {self._version} (max_staleness="
-                f"{self.cfg.max_staleness}): call publish() after each training step"
+                f"{self.cfg.rollout.max_staleness}): call publish() after each training step"
             )
         if not self._started:
             self._started = True
@@ -308,7 +303,7 @@ class ProcessRolloutSource:
         Raises:
             ValueError: ``version`` is not newer than the current one.
             RolloutTimeoutError: The worker did not load them within
-                ``cfg.request_timeout_s``.
+                ``cfg.rollout.request_timeout_s``.
             RolloutWorkerError: The worker failed for good.
         """
         self._check_open()
@@ -321,7 +316,7 @@ class ProcessRolloutSource:
         self._version = int(version)
         self._proc.ctrl.put(("weights", str(path), self._version))
         wait = _Wait.start(
-            f"weight sync (version {version})", self.cfg.request_timeout_s,
+            f"weight sync (version {version})", self.cfg.rollout.request_timeout_s,
             "rollout.request_timeout_s",
         )  # fmt: skip
         while self._loaded_version < self._version:
@@ -342,7 +337,7 @@ class ProcessRolloutSource:
             prompt_token_ids: Token-id prompts.
             n: Samples per prompt.
             sampling: Sampling settings.
-            timeout_s: Longest wait; default ``cfg.request_timeout_s`` plus the tokens
+            timeout_s: Longest wait; default ``cfg.rollout.request_timeout_s`` plus the tokens
                 asked for (prompts x n x max_tokens) at ``MIN_TOKENS_PER_S``, so a big
                 eval is not cut short on a slow machine.
             phase: What the request is for, named in a timeout's message (``"eval"``).
@@ -380,7 +375,9 @@ class ProcessRolloutSource:
         req_id = next(self._req_ids)
         self._send_request(req_id, ("ping", req_id))
         wait = _Wait.start(
-            "state query", timeout_s or self.cfg.request_timeout_s, "rollout.request_timeout_s"
+            "state query",
+            timeout_s or self.cfg.rollout.request_timeout_s,
+            "rollout.request_timeout_s",
         )
         while req_id not in self._pongs:
             self._pump(wait)

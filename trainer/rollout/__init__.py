@@ -1,0 +1,30 @@
+"""The rollout side: a worker process that owns an engine and fills rollout batches.
+
+- ``config``: ``RolloutWorkerConfig`` (the worker's settings), ``WorkerStart`` (where a
+  (re)started worker begins) and ``rollout_worker_config``, which derives the worker's
+  settings from the trainer's ``TrainConfig``.
+- ``groups``: pure group assembly and DAPO filtering (``build_groups``,
+  ``keep_informative``), testable with no process.
+- ``procs``: process helpers: atomic pickle files, the parent-death signal.
+- ``worker``: the worker process itself (engine start, control messages, batch loop).
+- ``source``: ``ProcessRolloutSource``, the learner's side of the worker process (its
+  ``RolloutSource`` and ``WeightPublisher``).
+
+The engines it drives (vLLM, HF ``generate``) and the weight files live in
+``trainer.engines``.
+"""
+
+from trainer.rollout.config import RolloutWorkerConfig, WorkerStart, rollout_worker_config
+from trainer.rollout.groups import build_groups, keep_informative
+from trainer.rollout.source import ProcessRolloutSource, RolloutTimeoutError, RolloutWorkerError
+
+__all__ = [
+    "ProcessRolloutSource",
+    "RolloutTimeoutError",
+    "RolloutWorkerConfig",
+    "RolloutWorkerError",
+    "WorkerStart",
+    "build_groups",
+    "keep_informative",
+    "rollout_worker_config",
+]
