@@ -131,7 +131,7 @@ class WorkerPool:
 
         def start(i: int) -> None:
             try:
-                workers[i] = Worker(self._ctx, self.config)
+                workers[i] = self.new_worker()
             except BaseException as e:  # noqa: BLE001 -- re-raised below
                 workers[i] = e
 
@@ -239,7 +239,7 @@ class WorkerPool:
             self._cond.notify_all()
             slots = list(self._slots)
         for task in leftovers:
-            self._finish(task, Verdict(Status.INTERNAL, message="the worker pool was closed"))
+            self.finish(task, Verdict(Status.INTERNAL, message="the worker pool was closed"))
         for slot in slots:
             slot.thread.join(timeout=30)
 
@@ -330,69 +330,6 @@ class WorkerPool:
         slot.thread.start()
         return slot
 
-    def _next_task(self, slot: Slot) -> Task | None | Idle:
-        """The next live task; ``None`` when closing; ``IDLE`` now and then to let an idle
-        slot notice that its worker died (e.g. killed from outside) and replace it."""
-        with self._cond:
-            while True:
-                while self._queue:
-                    task = self._queue.popleft()
-                    if task.future.cancelled():  # the caller gave up (e.g. RPC cancelled)
-                        self._pending -= 1
-                        self._cond.notify_all()
-                        continue
-                    return task
-                if self._closing:
-                    return None
-                if not self._cond.wait(IDLE_CHECK_S):
-                    return IDLE
-
-    def _requeue_front(self, task: Task) -> None:
-        with self._cond:
-            self._queue.appendleft(task)
-            self._cond.notify()
-
-    def _mark_slow(self, slot: Slot) -> None:
-        with self._cond:
-            slot.slow = True
-            self._normal -= 1
-            self._stats["slow"] += 1
-            if (
-                not self._closing
-                and len(self._slots) < self.config.workers + self.config.max_extra_workers
-            ):
-                self._add_slot(None)  # the stand-in forks its worker in its own thread
-        self._events.on_worker("slow")
-
-    def _slow_done(self, slot: Slot) -> bool:
-        """A slow item ended: returns True when the slot should retire (pool at full width)."""
-        with self._cond:
-            slot.slow = False
-            if self._normal < self.config.workers and not self._closing:
-                self._normal += 1
-                return False
-            self._slots.remove(slot)
-            self._cond.notify_all()
-        self._events.on_worker("retire")
-        return True
-
-    def _slot_exit(self, slot: Slot) -> None:
-        with self._cond:
-            if slot in self._slots:
-                self._slots.remove(slot)
-                if not slot.slow:
-                    self._normal -= 1
-                # A slot that died (it could not fork a worker) is replaced, so the pool never
-                # silently shrinks to nothing while items wait; the new slot retries with back-off.
-                if not self._closing and self._normal < self.config.workers:
-                    self._count("respawn_slot")
-                    self._add_slot(None)
-            self._cond.notify_all()
-
-    def _count(self, event: str) -> None:
-        self._stats[event] += 1
-        self._events.on_worker(event)
-
     def _resolve(
         self, fut: Future, result: ScoreResult, stages: dict[str, float], cached: bool
     ) -> None:
@@ -418,7 +355,90 @@ class WorkerPool:
         )
         self._resolve(task.future, result, {**task.stages, **verdict.stages_ms}, cached)
 
-    def _finish(self, task: Task, verdict: Verdict) -> None:
+    # ------------------------------------------------------------------ for the slots
+    # ``server.supervisor.SlotHost``: called by the supervisor threads, not by users.
+
+    def new_worker(self) -> Worker:
+        """Start one worker process (raises when it cannot start)."""
+        return Worker(self._ctx, self.config)
+
+    def next_task_id(self) -> int:
+        """A fresh id to pair a task with its worker's answer."""
+        return next(self._ids)
+
+    def next_task(self, slot: Slot) -> Task | None | Idle:
+        """The next live task; ``None`` when closing; ``IDLE`` now and then to let an idle
+        slot notice that its worker died (e.g. killed from outside) and replace it."""
+        with self._cond:
+            while True:
+                while self._queue:
+                    task = self._queue.popleft()
+                    if task.future.cancelled():  # the caller gave up (e.g. RPC cancelled)
+                        self._pending -= 1
+                        self._cond.notify_all()
+                        continue
+                    return task
+                if self._closing:
+                    return None
+                if not self._cond.wait(IDLE_CHECK_S):
+                    return IDLE
+
+    def retry(self, task: Task) -> None:
+        """Count a retry and put ``task`` back at the front of the queue."""
+        self._stats["retry"] += 1
+        with self._cond:
+            self._queue.appendleft(task)
+            self._cond.notify()
+
+    def record_item_time(self, seconds: float) -> None:
+        """How long a worker took on one item (``retry_after_s`` averages the last ones)."""
+        self._item_times.append(seconds)
+
+    def mark_slow(self, slot: Slot) -> None:
+        """``slot``'s item went slow: set it aside and start a stand-in if there is room."""
+        with self._cond:
+            slot.slow = True
+            self._normal -= 1
+            self._stats["slow"] += 1
+            if (
+                not self._closing
+                and len(self._slots) < self.config.workers + self.config.max_extra_workers
+            ):
+                self._add_slot(None)  # the stand-in forks its worker in its own thread
+        self._events.on_worker("slow")
+
+    def slow_done(self, slot: Slot) -> bool:
+        """A slow item ended: returns True when the slot should retire (pool at full width)."""
+        with self._cond:
+            slot.slow = False
+            if self._normal < self.config.workers and not self._closing:
+                self._normal += 1
+                return False
+            self._slots.remove(slot)
+            self._cond.notify_all()
+        self._events.on_worker("retire")
+        return True
+
+    def slot_exit(self, slot: Slot) -> None:
+        """``slot``'s thread is ending: forget it, and replace it while the pool runs."""
+        with self._cond:
+            if slot in self._slots:
+                self._slots.remove(slot)
+                if not slot.slow:
+                    self._normal -= 1
+                # A slot that died (it could not fork a worker) is replaced, so the pool never
+                # silently shrinks to nothing while items wait; the new slot retries with back-off.
+                if not self._closing and self._normal < self.config.workers:
+                    self.count("respawn_slot")
+                    self._add_slot(None)
+            self._cond.notify_all()
+
+    def count(self, event: str) -> None:
+        """Count a worker event and pass it to the event receiver."""
+        self._stats[event] += 1
+        self._events.on_worker(event)
+
+    def finish(self, task: Task, verdict: Verdict) -> None:
         """Resolve a task that went through the queue, releasing its queue place."""
         if verdict.stages_ms:
             self._events.on_cache("gold", verdict.gold_cache_hit)

@@ -3,6 +3,9 @@
 Split from ``server.pool`` (which owns the queue, caches and slot bookkeeping). A ``Slot`` is
 one supervisor thread plus its ``Worker`` process; it takes tasks from the pool, enforces the
 hard deadline, detects slow items and worker deaths, and reports back through the pool.
+
+A slot sees its pool only through ``SlotHost``, a small protocol the pool implements, so this
+module never imports ``server.pool`` and the pool's own state stays private to it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from server.config import PoolConfig
 from server.types import ScoreItem, Status, Verdict
 from server.worker import MAIN_REIMPORT_EXIT, main_reimport_error, worker_main
-
-if TYPE_CHECKING:
-    from server.pool import WorkerPool
 
 log = logging.getLogger("server.pool")
 
@@ -33,7 +33,7 @@ IDLE_CHECK_S = 0.5
 
 
 class Idle:
-    """Marker returned by the pool to an idle slot (see ``WorkerPool._next_task``)."""
+    """Marker returned by the pool to an idle slot (see ``SlotHost.next_task``)."""
 
 
 IDLE = Idle()
@@ -48,6 +48,58 @@ class Task:
     cache_key: tuple | None
     attempts: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+
+
+class SlotHost(Protocol):
+    """What a ``Slot`` needs from the pool that owns it (``server.pool.WorkerPool``).
+
+    Every method but ``config`` may be called from any slot's thread; the pool locks.
+    """
+
+    @property
+    def config(self) -> PoolConfig:
+        """The pool's settings (deadlines, slow threshold, recycling)."""
+        ...
+
+    def new_worker(self) -> Worker:
+        """Start one worker process; raises when it cannot start."""
+        ...
+
+    def next_task(self, slot: Slot) -> Task | None | Idle:
+        """The next task for ``slot``; ``None`` when the pool closes, ``IDLE`` now and then."""
+        ...
+
+    def next_task_id(self) -> int:
+        """A fresh id to pair a task with its worker's answer."""
+        ...
+
+    def finish(self, task: Task, verdict: Verdict) -> None:
+        """Resolve ``task`` with ``verdict`` and release its queue place."""
+        ...
+
+    def retry(self, task: Task) -> None:
+        """Put ``task`` back at the front of the queue (its worker died on it)."""
+        ...
+
+    def record_item_time(self, seconds: float) -> None:
+        """How long a worker took on one item (feeds the back-off hint)."""
+        ...
+
+    def count(self, event: str) -> None:
+        """Count a worker event (``respawn``, ``kill_timeout``, ``died``, ``recycle``)."""
+        ...
+
+    def mark_slow(self, slot: Slot) -> None:
+        """``slot``'s item went slow: set the slot aside and maybe start a stand-in."""
+        ...
+
+    def slow_done(self, slot: Slot) -> bool:
+        """``slot``'s slow item ended; True when the slot should retire."""
+        ...
+
+    def slot_exit(self, slot: Slot) -> None:
+        """``slot``'s thread is ending; the pool forgets it (and replaces it if needed)."""
+        ...
 
 
 class Worker:
@@ -109,7 +161,7 @@ class Worker:
 class Slot:
     """A supervisor thread and the worker it drives."""
 
-    def __init__(self, pool: WorkerPool, worker: Worker | None) -> None:
+    def __init__(self, pool: SlotHost, worker: Worker | None) -> None:
         self.pool = pool
         self.worker = worker
         self.slow = False
@@ -124,8 +176,8 @@ class Slot:
         # Retry a failed fork a few times (e.g. a transient EAGAIN under memory pressure).
         for attempt in range(3):
             try:
-                self.worker = Worker(self.pool._ctx, self.pool.config)
-                self.pool._count("respawn")
+                self.worker = self.pool.new_worker()
+                self.pool.count("respawn")
                 return
             except Exception as e:
                 log.error("worker start failed (attempt %d): %s", attempt + 1, e)
@@ -138,7 +190,7 @@ class Slot:
             if self.worker is None:
                 self._ensure_worker()
             while True:
-                task = pool._next_task(self)
+                task = pool.next_task(self)
                 if task is None:
                     break
                 if task is IDLE:
@@ -147,7 +199,7 @@ class Slot:
                 try:
                     self._ensure_worker()
                 except RuntimeError as e:
-                    pool._finish(task, Verdict(Status.INTERNAL, message=str(e)))
+                    pool.finish(task, Verdict(Status.INTERNAL, message=str(e)))
                     continue
                 try:
                     if self._score(task):
@@ -158,7 +210,7 @@ class Slot:
                         self.worker.kill()
                         self.worker = None
                     if not task.future.done():
-                        pool._finish(
+                        pool.finish(
                             task, Verdict(Status.INTERNAL, message=f"supervisor error: {e!r}")
                         )
                 # Replace a worker lost on that item now, not when the next item arrives, so
@@ -169,7 +221,7 @@ class Slot:
         finally:
             if self.worker is not None:
                 self.worker.stop()
-            pool._slot_exit(self)
+            pool.slot_exit(self)
 
     def _score(self, task: Task) -> bool:
         """Run one task on this slot's worker; returns True when the slot should retire."""
@@ -180,7 +232,7 @@ class Slot:
         if task.expires_at is not None:
             budget = min(budget, task.expires_at - now)
             if budget <= 0:
-                pool._finish(
+                pool.finish(
                     task,
                     Verdict(
                         Status.TIMEOUT,
@@ -190,7 +242,7 @@ class Slot:
                 return False
         worker = self.worker
         assert worker is not None
-        task_id = next(pool._ids)
+        task_id = pool.next_task_id()
         started = time.monotonic()
         hard_deadline = started + budget + HARD_GRACE_S
         # "Slow" is judged on the worker's CPU time, not wall time: on a loaded machine an item
@@ -211,7 +263,7 @@ class Slot:
                     break
                 if time.monotonic() >= hard_deadline:
                     worker.kill()
-                    pool._count("kill_timeout")
+                    pool.count("kill_timeout")
                     verdict = Verdict(
                         Status.TIMEOUT,
                         message=f"verification did not finish within {budget:.3f} s; worker stopped",
@@ -223,32 +275,31 @@ class Slot:
                         slow_at = time.monotonic() + max(0.01, cfg.slow_after_s - used)
                         continue
                     went_slow = True
-                    pool._mark_slow(self)
+                    pool.mark_slow(self)
         except (EOFError, OSError, BrokenPipeError) as e:
             worker.proc.join(1)  # reap it, so its real exit code is known
             code = worker.proc.exitcode
             worker.kill()
-            pool._count("died")
+            pool.count("died")
             if task.attempts == 0:
                 task.attempts += 1
-                pool._stats["retry"] += 1
                 log.warning("worker %s died (exit %s, %s); retrying its item", worker.pid, code, e)
-                pool._requeue_front(task)
+                pool.retry(task)
                 return self._after_slow(went_slow)
             verdict = Verdict(
                 Status.INTERNAL,
                 message=f"the verify worker died twice on this item (last exit code {code})",
             )
-        pool._item_times.append(time.monotonic() - started)
+        pool.record_item_time(time.monotonic() - started)
         worker.items += 1
         if worker.alive() and worker.items >= cfg.recycle_after:
             worker.stop()
-            pool._count("recycle")
-        pool._finish(task, verdict)
+            pool.count("recycle")
+        pool.finish(task, verdict)
         return self._after_slow(went_slow)
 
     def _after_slow(self, went_slow: bool) -> bool:
-        return went_slow and self.pool._slow_done(self)
+        return went_slow and self.pool.slow_done(self)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from server.config import Limits, PoolConfig
 from server.pool import PoolClosed, QueueFull, WorkerPool
+from server.supervisor import SlotHost
 from server.types import Status
 
 from .conftest import item
@@ -148,3 +151,14 @@ def test_closed_pool_refuses():
     with pytest.raises(PoolClosed):
         pool.submit(item("\\boxed{1}", "1"))
     pool.close()  # idempotent
+
+
+def test_slot_sees_the_pool_only_through_slot_host():
+    """``server.supervisor`` does not import ``server.pool``, and the pool has every method of
+    the protocol the slots call (a rename on one side fails here, not in a worker thread)."""
+    code = "import sys, server.supervisor; print('server.pool' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    wanted = {n for n in vars(SlotHost) if not n.startswith("_")}
+    assert "next_task" in wanted and "finish" in wanted
+    assert {n for n in wanted if not hasattr(WorkerPool, n) and n != "config"} == set()
