@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.types import ScoreItem, Scorer, ScoreResult
+
+if TYPE_CHECKING:
+    from server.pool import WorkerPool
 
 Verifier = Scorer
 """The environments' reward interface: exactly the reward service's ``Scorer`` protocol."""
@@ -35,10 +38,10 @@ class LocalVerifier:
         from server.config import PoolConfig
 
         self.config = PoolConfig(workers=workers, **pool_kwargs)  # validated now, started later
-        self._pool: Any = None
+        self._pool: WorkerPool | None = None
         self._lock = threading.Lock()
 
-    def _ensure_pool(self) -> Any:
+    def _ensure_pool(self) -> WorkerPool:
         with self._lock:
             if self._pool is None:
                 from server.pool import WorkerPool
@@ -100,7 +103,7 @@ def make_verifier(spec: str | Scorer | None = "local", **kwargs: Any) -> tuple[S
     return spec, False
 
 
-def close_verifier(verifier: Any) -> None:
+def close_verifier(verifier: Scorer) -> None:
     """Close a verifier if it can be closed."""
     close = getattr(verifier, "close", None)
     if callable(close):

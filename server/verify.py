@@ -37,11 +37,14 @@ import re
 import signal
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import pysyntax
 from server.config import VerifierConfig
 from server.types import AnswerFormat, ScoreItem, Status, Verdict
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 MAX_REPORTED_CHARS = 1_000
 _CHOICES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -91,7 +94,7 @@ class SoftTimeout(BaseException):
     """Raised by the worker's interval timer; a BaseException so library code cannot swallow it."""
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
     raise SoftTimeout()
 
 

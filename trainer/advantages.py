@@ -16,7 +16,7 @@ of a rollout batch are laid out as ``[num_groups, G]``: one row per prompt, G sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,13 +26,13 @@ __all__ = ["dynamic_sampling_mask", "group_advantages", "soft_overlong_penalty"]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
-def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+def _to_numpy(name: str, value: ArrayT) -> tuple[np.ndarray, Callable[[np.ndarray], ArrayT]]:
     """Float64 numpy copy of ``value`` and a function that turns a result back."""
     if isinstance(value, torch.Tensor):
         out_dtype = value.dtype if value.is_floating_point() else torch.float32
         device = value.device
 
-        def back(a: np.ndarray) -> Any:
+        def back(a: np.ndarray) -> torch.Tensor:
             if a.dtype == np.bool_:
                 return torch.from_numpy(a).to(device)
             return torch.from_numpy(a).to(device=device, dtype=out_dtype)
@@ -55,7 +55,7 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         raise ValueError(f"{name} must be finite; {name}[{first}] = {array[first]}")
 
 
-def _grouped(name: str, value: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+def _grouped(name: str, value: ArrayT) -> tuple[np.ndarray, Callable[[np.ndarray], ArrayT]]:
     array, back = _to_numpy(name, value)
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D [num_groups, G], got shape {list(array.shape)}")

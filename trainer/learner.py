@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +36,11 @@ from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_bat
 from trainer.precision import resolve as resolve_precision
 from trainer.types import RolloutBatch
 
+if TYPE_CHECKING:
+    from trainer.fipo import LossConfig
 
-def build_loss_config(algorithm: AlgorithmConfig) -> Any:
+
+def build_loss_config(algorithm: AlgorithmConfig) -> LossConfig:
     """The ``trainer.fipo.LossConfig`` preset of ``algorithm.name`` with its overrides."""
     from trainer.fipo import loss_config
 
@@ -101,7 +104,9 @@ class Learner:
         pad_id: Token id used for padding (masked out everywhere).
     """
 
-    def __init__(self, config: TrainConfig, model_dir: str | Path, loss_config: Any, pad_id: int):
+    def __init__(
+        self, config: TrainConfig, model_dir: str | Path, loss_config: LossConfig, pad_id: int
+    ):
         self.config = config
         self.loss_config = loss_config
         self.pad_id = pad_id

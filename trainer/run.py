@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +42,11 @@ from trainer.config import (
     parse_cpus,
     save_yaml,
 )
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from trainer.types import RolloutBatch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 # vLLM's per-weight load warnings and INFO lines would bury the progress bar.
@@ -73,7 +78,7 @@ class _Stopper:
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and not self._waiting:
             self.forced = True  # asked twice during an update: abort it
             raise KeyboardInterrupt
@@ -132,7 +137,7 @@ def resolve_precision(cfg: TrainConfig):
     return cfg, p
 
 
-def batch_metrics(batch: Any, learner_version: int) -> dict[str, float]:
+def batch_metrics(batch: RolloutBatch, learner_version: int) -> dict[str, float]:
     """``reward/…`` and ``rollout/…`` statistics of one rollout batch."""
     rewards = np.concatenate([g.rewards for g in batch.groups])
     correct = np.concatenate([g.correct for g in batch.groups])

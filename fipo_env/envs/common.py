@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gymnasium import spaces
@@ -20,10 +20,19 @@ from fipo_env.tasks.types import Problem
 from server.types import ScoreItem, ScoreResult
 from server.worker import MainModuleError
 
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from transformers import PreTrainedTokenizerBase
+
+    from fipo_env.tasks.types import Task
+    from server.types import Scorer
+
 TOKEN_DTYPE = np.int32  # every vocabulary in use (<= 256k) fits; halves copies vs int64
 
 
-def resolve_tokenizer(tokenizer: Any) -> Any:
+def resolve_tokenizer(
+    tokenizer: str | Path | PreTrainedTokenizerBase | None,
+) -> PreTrainedTokenizerBase:
     """Return a Hugging Face tokenizer for ``tokenizer``.
 
     Args:
@@ -52,7 +61,7 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def stop_ids_for(tokenizer: Any, config: EnvConfig) -> tuple[int, ...]:
+def stop_ids_for(tokenizer: PreTrainedTokenizerBase, config: EnvConfig) -> tuple[int, ...]:
     """Stop tokens: the configured ones, else the tokenizer's EOS token."""
     if config.stop_token_ids is not None:
         return tuple(config.stop_token_ids)
@@ -64,7 +73,7 @@ def stop_ids_for(tokenizer: Any, config: EnvConfig) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
 
-def vocab_size_of(tokenizer: Any, override: int | None) -> int:
+def vocab_size_of(tokenizer: PreTrainedTokenizerBase, override: int | None) -> int:
     """Action-space size: ``override`` or ``len(tokenizer)`` (added tokens included)."""
     size = int(override) if override is not None else len(tokenizer)
     if size < 2:
@@ -72,7 +81,7 @@ def vocab_size_of(tokenizer: Any, override: int | None) -> int:
     return size
 
 
-def pad_id_of(tokenizer: Any, vocab_size: int) -> int:
+def pad_id_of(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
     """Padding value for the observation buffers (positions past the lengths)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -82,7 +91,9 @@ def pad_id_of(tokenizer: Any, vocab_size: int) -> int:
     return int(pad) if pad is not None and 0 <= int(pad) < vocab_size else 0
 
 
-def render_prompt(tokenizer: Any, config: EnvConfig, question: str) -> list[int]:
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, config: EnvConfig, question: str
+) -> list[int]:
     """Token ids of the prompt for ``question`` (chat template + generation prompt).
 
     The template is rendered to text and then encoded without extra special tokens, which
@@ -119,7 +130,9 @@ class PromptCache:
         maxsize: Most prompts kept; the oldest is dropped beyond it.
     """
 
-    def __init__(self, tokenizer: Any, config: EnvConfig, maxsize: int = 8192) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: EnvConfig, maxsize: int = 8192
+    ) -> None:
         self._tokenizer = tokenizer
         self._config = config
         self._maxsize = maxsize
@@ -137,7 +150,7 @@ class PromptCache:
             self._cache[question] = ids
         return ids
 
-    def draw(self, task: Any, rng: np.random.Generator) -> tuple[Problem, np.ndarray]:
+    def draw(self, task: Task, rng: np.random.Generator) -> tuple[Problem, np.ndarray]:
         """Sample a problem from ``task`` whose prompt fits ``max_prompt_tokens``.
 
         Redraws up to ``max_redraws`` times, then raises ``ValueError`` naming the limit.
@@ -154,7 +167,9 @@ class PromptCache:
         )
 
 
-def make_batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
+def make_batch_decoder(
+    tokenizer: PreTrainedTokenizerBase,
+) -> Callable[[list[list[int]]], list[str]]:
     """A function decoding many token-id lists at once, special tokens skipped.
 
     Uses the Rust ``tokenizers`` backend's ``decode_batch`` directly when the tokenizer
@@ -207,7 +222,7 @@ def first_stop(tokens: np.ndarray, stop_ids: np.ndarray) -> int:
     return int(hits[0]) if hits.size else -1
 
 
-def as_token_array(token_ids: Any, vocab_size: int, what: str = "token_ids") -> np.ndarray:
+def as_token_array(token_ids: ArrayLike, vocab_size: int, what: str = "token_ids") -> np.ndarray:
     """Validate ``token_ids`` (a 1-D sequence of ints in ``[0, vocab_size)``) as an array."""
     arr = np.asarray(token_ids)
     if arr.size == 0:
@@ -278,7 +293,7 @@ def final_info(
     }
 
 
-def score_or_raise(verifier: Any, items: list[ScoreItem]) -> list[ScoreResult]:
+def score_or_raise(verifier: Scorer, items: list[ScoreItem]) -> list[ScoreResult]:
     """Score ``items``; a verifier failure becomes a ``RuntimeError`` that says what was lost.
 
     Raises:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, SupportsFloat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -12,6 +13,12 @@ from fipo_env.config import EnvConfig
 from fipo_env.envs import common
 from fipo_env.tasks import Problem, Task, make_task
 from fipo_env.verifiers import close_verifier, make_verifier
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from transformers import PreTrainedTokenizerBase
+
+    from server.types import Scorer
 
 ObsType = dict[str, np.ndarray]
 
@@ -102,10 +109,10 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
 
     def __init__(
         self,
-        tokenizer: Any = None,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
         task: str | Task = "arithmetic",
         config: EnvConfig | None = None,
-        verifier: Any = "local",
+        verifier: str | Scorer | None = "local",
         vocab_size: int | None = None,
         render_mode: str | None = None,
         **config_overrides: Any,
@@ -165,7 +172,9 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
         self._episodes += 1
         return self._obs(), common.reset_info(problem, len(ids))
 
-    def step(self, action: Any) -> tuple[ObsType, SupportsFloat, bool, bool, dict[str, Any]]:
+    def step(
+        self, action: int | np.integer
+    ) -> tuple[ObsType, SupportsFloat, bool, bool, dict[str, Any]]:
         """Append one token; at a stop token or the length limit, score the response."""
         self._check_running()
         try:
@@ -182,7 +191,7 @@ class MathReasoningEnv(gym.Env[ObsType, np.int64]):
         return self._obs(), 0.0, False, False, {}
 
     def step_tokens(
-        self, token_ids: Any
+        self, token_ids: ArrayLike
     ) -> tuple[ObsType, SupportsFloat, bool, bool, dict[str, Any]]:
         """Append many tokens in one call (the fast path an inference engine feeds).
 

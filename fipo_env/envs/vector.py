@@ -11,7 +11,8 @@ group-relative methods (GRPO / DAPO / FIPO) sample.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gymnasium.error import ResetNeeded
@@ -24,6 +25,12 @@ from fipo_env.envs import common
 from fipo_env.envs.math_reasoning import _replace
 from fipo_env.tasks import Problem, Task, make_task
 from fipo_env.verifiers import close_verifier, make_verifier
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from transformers import PreTrainedTokenizerBase
+
+    from server.types import Scorer
 
 ObsType = dict[str, np.ndarray]
 
@@ -59,10 +66,10 @@ class MathReasoningVectorEnv(VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
-        tokenizer: Any = None,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
         task: str | Task = "arithmetic",
         config: EnvConfig | None = None,
-        verifier: Any = "local",
+        verifier: str | Scorer | None = "local",
         vocab_size: int | None = None,
         group_size: int = 1,
         autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
@@ -171,7 +178,7 @@ class MathReasoningVectorEnv(VectorEnv):
         return self._obs(), infos
 
     def step(
-        self, actions: Any
+        self, actions: ArrayLike
     ) -> tuple[ObsType, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Append one token to every sub-episode (``actions``: ints, shape ``[num_envs]``)."""
         acts = np.asarray(actions)
@@ -192,7 +199,7 @@ class MathReasoningVectorEnv(VectorEnv):
 
     def step_tokens(
         self,
-        token_ids: Sequence[Any] | np.ndarray,
+        token_ids: Sequence[ArrayLike] | np.ndarray,
         lengths: Sequence[int] | np.ndarray | None = None,
     ) -> tuple[ObsType, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Append many tokens to every sub-episode in one call (batched fast path).
@@ -266,7 +273,9 @@ class MathReasoningVectorEnv(VectorEnv):
         self._group_next = [0] * len(self._group_cache)
         self._episode_idx[:] = 0
 
-    def _padded(self, token_ids: np.ndarray, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _padded(
+        self, token_ids: np.ndarray, lengths: Sequence[int] | np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Validate a 2-D ``step_tokens`` input; returns ``(tokens [N, T], lengths [N])``."""
         if token_ids.shape[0] != self.num_envs:
             raise ValueError(f"token_ids has {token_ids.shape[0]} rows, expected {self.num_envs}")
@@ -310,7 +319,9 @@ class MathReasoningVectorEnv(VectorEnv):
         self._response_len += consumed.astype(common.TOKEN_DTYPE)
         return consumed, stopped
 
-    def _rows(self, token_ids: Any, lengths: Any) -> list[np.ndarray]:
+    def _rows(
+        self, token_ids: Sequence[ArrayLike], lengths: Sequence[int] | np.ndarray | None
+    ) -> list[np.ndarray]:
         """Normalise a list-of-sequences ``step_tokens`` input to validated 1-D arrays."""
         if lengths is not None:
             raise ValueError("lengths is only for a 2-D token_ids array")

@@ -50,7 +50,7 @@ def die_with_parent() -> None:
     """
     parent = os.getppid()
 
-    def kill_group(*_: Any) -> None:
+    def kill_group(*_: object) -> None:
         if os.getpgrp() == os.getpid():  # never the learner's group: only one we lead
             os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

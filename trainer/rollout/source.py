@@ -193,7 +193,7 @@ class ProcessRolloutSource:
         self._restarts = 0
         self._closed = False
         self._req_ids = itertools.count()
-        self._replies: dict[int, Any] = {}
+        self._replies: dict[int, tuple[list[list[Generation]], int]] = {}  # req_id -> reply
         self._pongs: dict[int, dict] = {}
         self._loaded_version = int(initial_version)
         self._last_error = ""

@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from trainer.rollout.config import RolloutWorkerConfig, WorkerStart
 from trainer.rollout.groups import build_groups, keep_informative
 from trainer.rollout.procs import POLL_S, die_with_parent, read_pickle, write_pickle
 from trainer.types import RolloutBatch, RolloutGroup
+
+if TYPE_CHECKING:
+    from fipo_env.envs.vector import MathReasoningVectorEnv, ObsType
 
 
 def start_engine(cfg: EngineConfig) -> tuple[Engine, str]:
@@ -92,8 +95,8 @@ class _Worker:
         self.version = start.version
         if start.weights_path is not None:
             self.engine.load_weights(start.weights_path)
-        self.venv: Any = None
-        self.obs: Any = None
+        self.venv: MathReasoningVectorEnv | None = None
+        self.obs: ObsType | None = None
         self.sampling: SamplingConfig | None = None
         # Built before "ready" so a bad task / verifier spec fails the start, clearly,
         # instead of crashing (and restarting) the worker at its first batch.
