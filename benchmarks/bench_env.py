@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fipo_env.models import offline_hub
+
+offline_hub()
 
 
 class TimedScorer:

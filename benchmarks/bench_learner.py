@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
     if min(threads) < 1 or args.repeats < 1:
         p.error("--threads and --repeats must be >= 1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fipo_env.models import default_model_dir
+    from fipo_env.models import default_model_dir, offline_hub
+
+    offline_hub()
 
     model_dir = default_model_dir()
     batch = make_batch(model_dir, args.prompts, args.group_size, args.max_tokens, args.seed)

@@ -28,9 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from fipo_env.models import offline_hub  # noqa: E402 -- after the path insert
+
+offline_hub()
 
 
 def make_prompts(model_dir: str, count: int, seed: int) -> list[list[int]]:

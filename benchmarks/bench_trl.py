@@ -448,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "ours":
         print(f"TRL {check_trl_python(args.trl_python)} from {args.trl_python}", flush=True)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fipo_env.models import default_model_dir
+    from fipo_env.models import default_model_dir, offline_hub
+
+    offline_hub()
     from server.launch import start_reward_server, stop_process, wait_reward_server
 
     model_dir = default_model_dir()

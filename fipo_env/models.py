@@ -29,6 +29,16 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERSION_VERSION = "1"
 
 
+def offline_hub() -> None:
+    """Keep Hugging Face libraries off the network: ``HF_HUB_OFFLINE=1`` unless already set.
+
+    ``huggingface_hub`` reads the variable once, when it is first imported, so each process
+    that may load a model or tokenizer calls this before it imports transformers, vLLM or
+    huggingface_hub; processes it starts inherit the setting.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model directory or the embedded default model could not be found."""
 
@@ -105,7 +115,7 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantise ``gguf_path`` into a normal safetensors directory at ``target``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_hub()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,7 +178,7 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
 
 def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer of ``model_dir`` (default: the embedded model), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_hub()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(model_dir)), local_files_only=True)

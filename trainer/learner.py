@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fipo_env.models import offline_hub
 from trainer.config import AlgorithmConfig, ConfigError, TrainConfig
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_batch, pack, partition
@@ -75,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_policy(model_dir: str | Path, device: torch.device, gradient_checkpointing: bool):
     """Load a local HF causal LM in fp32 (master weights), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_hub()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(

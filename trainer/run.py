@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fipo_env.models import offline_hub
 from server.launch import RewardServerError, start_reward_server, stop_process, wait_reward_server
 from trainer.config import (
     USAGE,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
     from trainer.types import RolloutBatch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+offline_hub()  # never reach for a model hub
 # vLLM's per-weight load warnings and INFO lines would bury the progress bar.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 # transformers' per-load progress bars and advisory warnings are not the user's to act on.

@@ -7,7 +7,6 @@ call these same functions, which is what keeps their episodes identical.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import numpy as np
 from gymnasium import spaces
 
 from fipo_env.config import EnvConfig
+from fipo_env.models import offline_hub
 from fipo_env.tasks.types import Problem
 from server.types import ScoreItem, ScoreResult
 from server.worker import MainModuleError
@@ -51,7 +51,7 @@ def resolve_tokenizer(
                 f"tokenizer directory {str(tokenizer)!r} does not exist; pass a local model "
                 "directory, a tokenizer object, or None for the embedded default"
             )
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        offline_hub()
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

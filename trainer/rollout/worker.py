@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fipo_env.models import offline_hub
 from trainer.engines.base import Engine, EngineConfig, SamplingConfig, make_engine
 from trainer.rollout.config import RolloutWorkerConfig, WorkerStart
 from trainer.rollout.groups import build_groups, keep_informative
@@ -293,7 +294,7 @@ def worker_main(
         os.dup2(fd, 2)
         os.close(fd)
     die_with_parent()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_hub()  # before the engine imports transformers / vLLM
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine_cfg = cfg.engine
     if cfg.cpus:
