@@ -301,6 +301,9 @@ def vllm_part(args: argparse.Namespace, model_dir: Any, tok: Any, scorer: TimedS
 
 
 def main() -> None:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

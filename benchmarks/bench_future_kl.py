@@ -113,6 +113,9 @@ def model_ratio(batch: int, length: int, device: torch.device, loss_ms: float) -
 
 
 def main() -> None:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=16_384)

@@ -180,6 +180,9 @@ def random_qwen2(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
     p.add_argument("--repeats", type=int, default=2)

@@ -63,6 +63,9 @@ def agreement(rows: list[dict[str, Any]], correct: list[bool]) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=CORPUS)
     p.add_argument("--workers", type=int, default=1)

@@ -300,6 +300,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def main() -> int:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--golds", type=int, default=30, help="distinct golds per scenario")

@@ -401,6 +401,9 @@ def plot_results(s: BenchSettings, results: dict[str, dict[str, Any]], path: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # figures depend on it (bf16 is native only on some CPUs)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = BenchSettings()
     p.add_argument("--steps", type=int, default=d.steps)

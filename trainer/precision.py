@@ -129,3 +129,16 @@ def resolve(engine_dtype: str, autocast_dtype: str, device: str = "auto") -> Pre
         auto.autocast_dtype if autocast_dtype == "auto" else autocast_dtype,
         auto.reason,
     )
+
+
+def describe_machine() -> str:
+    """One line for benchmark output: the CPU capability, native bf16, cores, load."""
+    import torch
+
+    hw = detect("cpu")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"machine: CPU capability {hw.capability} (native bf16: "
+        f"{'yes' if hw.bf16_native else 'no'}), {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}{gpu}"
+    )
