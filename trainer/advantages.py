@@ -93,6 +93,8 @@ def group_advantages(
     if g == 0:
         return back(array.copy())
     centred = array - array.mean(axis=1, keepdims=True)
+    # An all-equal group has advantage exactly 0 (its mean may round, e.g. 16 x -1.3).
+    centred[array.max(axis=1) == array.min(axis=1)] = 0.0
     if scale_by_std:
         ddof = 1 if unbiased_std and g > 1 else 0
         std = array.std(axis=1, ddof=ddof, keepdims=True)

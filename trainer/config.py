@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 
 RewardSchemeName = Literal["signed", "binary"]
+FilterMetricName = Literal["acc", "reward"]
 
 
 class ConfigError(ValueError):
@@ -176,7 +177,13 @@ class RolloutConfig:
     max_staleness: int = 1
     """How many policy versions rollouts may lag the learner; 0 = synchronous on-policy."""
     dynamic_sampling: bool = True
-    """Drop groups whose rewards are all equal and keep sampling to fill the batch."""
+    """DAPO dynamic sampling: drop groups whose ``filter_metric`` is the same for every
+    sample (zero advantage) and keep sampling to fill the batch."""
+    filter_metric: FilterMetricName = "acc"
+    """What dynamic sampling compares within a group: ``acc``, the verifier's verdicts
+    (DAPO, verl's ``filter_groups.metric=acc``), or ``reward``, the final reward with the
+    soft overlong penalty (keeps all-correct groups whose only spread is that penalty,
+    which group normalisation turns into unit-scale advantages)."""
     max_sampling_rounds: int = 3
     """Bound on generation rounds used to fill one batch under dynamic sampling."""
     gpu_memory_utilization: float = 0.15

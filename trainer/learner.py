@@ -14,7 +14,9 @@ One update (``Learner.update``):
    Future-KL acts.
 
 A non-finite loss or gradient norm skips the optimiser step (gradients are zeroed and
-the skip is counted in the metrics); it is never applied.
+the skip is counted in the metrics); it is never applied. A mini-batch whose advantages
+are all zero is skipped too (``optim/skipped_zero_advantage``): its gradient is 0, and an
+AdamW step on it would still move the weights through momentum and weight decay.
 """
 
 from __future__ import annotations
@@ -237,11 +239,16 @@ class Learner:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         extremes: dict[str, float] = {}
-        skipped = 0
+        skipped = skipped_zero = 0
         tokens_seen = 0
         for micros in plan:
-            normaliser = self._normaliser(seqs, micros)
             self.optimizer.zero_grad(set_to_none=True)
+            if not any(bool(seqs.advantages[rows].any()) for rows in micros):
+                # Zero advantage everywhere: the loss and its gradient are 0, and stepping
+                # would still move the weights (Adam momentum, weight decay) on nothing.
+                skipped_zero += 1
+                continue
+            normaliser = self._normaliser(seqs, micros)
             finite = True
             for rows in micros:
                 mb = make_micro_batch(seqs, rows, self.pad_id, shared)
@@ -311,6 +318,7 @@ class Learner:
                 "optim/lr": self.scheduler.get_last_lr()[0],
                 "optim/steps": float(self.optimizer_steps),
                 "optim/skipped_nonfinite": float(skipped),
+                "optim/skipped_zero_advantage": float(skipped_zero),
                 "perf/learner_s": elapsed,
                 "perf/old_logp_s": old_seconds,
                 "perf/learner_tokens_per_s": total_tokens / max(elapsed, 1e-9),

@@ -160,6 +160,36 @@ def batch_metrics(batch: RolloutBatch, learner_version: int) -> dict[str, float]
     }
 
 
+def batch_advantages(
+    batch: RolloutBatch, cfg: TrainConfig
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Group-normalised advantages of ``batch`` and its dynamic-sampling statistics.
+
+    With ``rollout.dynamic_sampling`` a group that the filter (``rollout.filter_metric``)
+    calls uninformative gets advantage 0: the worker only hands such groups over when a
+    batch stays short after ``rollout.max_sampling_rounds`` (``rollout/short_batch``).
+
+    Returns:
+        ``(advantages, metrics)``: per group its samples' advantages (groups x [G]) and
+        ``rollout/informative_groups`` / ``rollout/short_batch``.
+    """
+    from trainer.advantages import group_advantages
+    from trainer.rollout import informative_mask
+
+    rewards = np.stack([g.rewards for g in batch.groups])  # [groups, G]
+    advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.normalize_std)
+    informative = informative_mask(batch.groups, cfg.rollout.filter_metric)
+    if cfg.rollout.dynamic_sampling:
+        advantages = np.where(informative[:, None], advantages, 0.0)
+    n = int(informative.sum())
+    return list(advantages), {
+        "rollout/informative_groups": float(n),
+        "rollout/short_batch": float(
+            cfg.rollout.dynamic_sampling and n < cfg.rollout.prompts_per_step
+        ),
+    }
+
+
 def summary_line(step: int, steps: int, m: dict[str, float]) -> str:
     """The one-line per-step summary."""
     parts = [
@@ -190,7 +220,6 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from tqdm import tqdm
 
     from fipo_env.models import load_tokenizer, resolve_model_dir
-    from trainer.advantages import group_advantages
     from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
     from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
     from trainer.learner import Learner, build_loss_config
@@ -313,11 +342,17 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                     batch = source.next_batch(timeout_s=cfg.rollout.batch_timeout_s)
                 wait_s = time.perf_counter() - t0
                 metrics = batch_metrics(batch, learner.version)
-                # 3. Advantage: group-normalised outcome reward.
-                rewards = np.stack([g.rewards for g in batch.groups])  # [groups, G]
-                advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.normalize_std)
+                # 3. Advantage: group-normalised outcome reward; 0 for the groups dynamic
+                # sampling would drop (a batch left short holds some).
+                advantages, sampling = batch_advantages(batch, cfg)
+                metrics.update(sampling)
+                if sampling["rollout/short_batch"]:
+                    tqdm.write(f"[fipo] warning: step {step + 1}: only "
+                               f"{int(sampling['rollout/informative_groups'])} informative "
+                               f"group(s) of {cfg.rollout.prompts_per_step} after "
+                               f"{cfg.rollout.max_sampling_rounds} sampling round(s)")  # fmt: skip
                 # 4-5. Loss and optimiser steps (several mini-batches per rollout batch).
-                metrics.update(learner.update(batch, list(advantages)))
+                metrics.update(learner.update(batch, advantages))
                 # Publish the new policy to the engine (the rollout side may run ahead).
                 t1 = time.perf_counter()
                 source.publish(learner.hf_state_dict(), learner.version)

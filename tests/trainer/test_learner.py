@@ -144,6 +144,21 @@ def test_nonfinite_loss_skips_the_step_and_leaves_weights_alone(tiny_model_dir: 
     assert not any(s["exp_avg"].abs().sum() > 0 for s in learner.optimizer.state.values())
 
 
+def test_all_zero_advantages_do_not_move_the_weights(tiny_model_dir: Path) -> None:
+    # Weight decay and Adam momentum would move the weights on a zero gradient.
+    learner = _learner(tiny_model_dir, mini_batches=2, weight_decay=0.1)
+    warm = _batch(6)
+    learner.update(warm, _advantages(warm))  # Adam state is non-zero from here on
+    steps, before = learner.optimizer_steps, _weights(learner)
+    batch = _batch(2)
+    metrics = learner.update(batch, [np.zeros(len(a)) for a in _advantages(batch)])
+    assert metrics["optim/skipped_zero_advantage"] == 2.0
+    assert learner.optimizer_steps == steps
+    after = _weights(learner)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert learner.version == 2  # the batch was consumed all the same
+
+
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     a = _learner(tiny_model_dir, mini_batches=2)
     b1, b2 = _batch(3), _batch(4)

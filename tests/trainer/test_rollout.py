@@ -32,6 +32,7 @@ from trainer.rollout import (  # noqa: E402
     RolloutWorkerConfig,
     RolloutWorkerError,
     build_groups,
+    informative_mask,
     keep_informative,
 )
 from trainer.types import Generation, RolloutGroup  # noqa: E402
@@ -112,6 +113,37 @@ def test_keep_informative_drops_groups_with_equal_rewards():
     groups = [group([1, 1]), group([0, 1]), group([0, 0]), group([1, 0])]
     assert keep_informative(groups) == [groups[1], groups[3]]
     assert keep_informative([]) == []
+
+
+def test_dynamic_sampling_filters_on_correctness_by_default():
+    """An all-correct group whose rewards differ only by the soft overlong penalty is
+    dropped (DAPO's acc filter); metric="reward" keeps it."""
+    g = 16
+
+    def group(correct, penalty):
+        correct = np.asarray(correct, dtype=bool)
+        return RolloutGroup(
+            prompt_ids=(1,),
+            response_ids=((2,),) * g,
+            behaviour_logp=((0.0,),) * g,
+            rewards=np.where(correct, 1.0, -1.0) + np.asarray(penalty),
+            correct=correct,
+            truncated=np.zeros(g, dtype=bool),
+            policy_version=0,
+        )
+
+    long_one = group([True] * g, [0.0] * (g - 1) + [-0.1])
+    mixed = group([True, False] * (g // 2), [0.0] * g)
+    # What the reward filter lets through: A = -3.75 for the long response.
+    from trainer.advantages import group_advantages
+
+    assert group_advantages(long_one.rewards[None])[0, -1] == pytest.approx(-3.75, abs=1e-3)
+    assert keep_informative([long_one, mixed]) == [mixed]
+    assert keep_informative([long_one, mixed], "acc") == [mixed]
+    assert keep_informative([long_one, mixed], "reward") == [long_one, mixed]
+    assert informative_mask([long_one, mixed]).tolist() == [False, True]
+    with pytest.raises(ValueError, match="metric"):
+        keep_informative([mixed], "loss")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,29 @@ def test_sigterm_checkpoints_and_leaves_no_orphans(tmp_path: Path) -> None:
     time.sleep(2)
     orphans = [p for p in children if _alive(p)]
     assert not orphans, f"processes left running after SIGTERM: {orphans}"
+
+
+def test_groups_the_filter_drops_get_zero_advantage_and_a_short_batch_is_flagged() -> None:
+    import numpy as np
+
+    from trainer.config import build_config
+    from trainer.run import batch_advantages
+    from trainer.types import RolloutBatch, RolloutGroup
+
+    def group(correct: list[bool], penalty: float) -> RolloutGroup:
+        ok = np.asarray(correct)
+        rewards = np.where(ok, 1.0, -1.0) + np.array([0.0] * (len(ok) - 1) + [penalty])
+        return RolloutGroup((1,), ((2,),) * len(ok), ((0.0,),) * len(ok), rewards, ok,
+                            np.zeros(len(ok), bool), 0)  # fmt: skip
+
+    # An all-correct group whose last response is soft-penalised, and a mixed group: only
+    # the mixed one is informative by accuracy, so the batch of 2 is short.
+    batch = RolloutBatch((group([True] * 4, -0.1), group([True, False] * 2, 0.0)), 6, 0.0, 0)
+    cfg = build_config({"rollout": {"prompts_per_step": 2, "group_size": 4}})
+    adv, metrics = batch_advantages(batch, cfg)
+    assert adv[0].tolist() == [0.0] * 4 and np.abs(adv[1]).min() > 0.5
+    assert metrics == {"rollout/informative_groups": 1.0, "rollout/short_batch": 1.0}
+    cfg = build_config({"rollout": {"prompts_per_step": 2, "group_size": 4,
+                                    "filter_metric": "reward"}})  # fmt: skip
+    adv, metrics = batch_advantages(batch, cfg)
+    assert adv[0][-1] < -1.0 and metrics["rollout/short_batch"] == 0.0

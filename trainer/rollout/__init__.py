@@ -4,7 +4,7 @@
   (re)started worker begins) and ``rollout_worker_config``, which derives the worker's
   settings from the trainer's ``TrainConfig``.
 - ``groups``: pure group assembly and DAPO filtering (``build_groups``,
-  ``keep_informative``), testable with no process.
+  ``informative_mask``, ``keep_informative``), testable with no process.
 - ``procs``: process helpers: atomic pickle files, the parent-death signal.
 - ``worker``: the worker process itself (engine start, control messages, batch loop).
 - ``source``: ``ProcessRolloutSource``, the learner's side of the worker process (its
@@ -15,7 +15,7 @@ The engines it drives (vLLM, HF ``generate``) and the weight files live in
 """
 
 from trainer.rollout.config import RolloutWorkerConfig, WorkerStart, rollout_worker_config
-from trainer.rollout.groups import build_groups, keep_informative
+from trainer.rollout.groups import build_groups, informative_mask, keep_informative
 from trainer.rollout.source import ProcessRolloutSource, RolloutTimeoutError, RolloutWorkerError
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "RolloutWorkerError",
     "WorkerStart",
     "build_groups",
+    "informative_mask",
     "keep_informative",
     "rollout_worker_config",
 ]

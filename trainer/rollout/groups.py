@@ -6,10 +6,12 @@ directly (``tests/trainer/test_rollout.py``).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 
+from trainer.config import FilterMetricName
 from trainer.types import Generation, RolloutGroup
 
 
@@ -65,11 +67,36 @@ def build_groups(
     return groups
 
 
-def keep_informative(groups: Sequence[RolloutGroup]) -> list[RolloutGroup]:
-    """DAPO dynamic sampling: the groups whose rewards are not all equal."""
+def informative_mask(
+    groups: Sequence[RolloutGroup], metric: FilterMetricName = "acc"
+) -> np.ndarray:
+    """DAPO dynamic sampling: True for the groups whose ``metric`` differs across samples.
+
+    Args:
+        groups: Scored groups.
+        metric: ``"acc"`` (DAPO's default, verl's ``filter_groups.metric=acc``): a group
+            counts when its verdicts differ. ``"reward"``: when its final rewards (verdict
+            + soft overlong penalty) differ, which also keeps an all-correct group whose
+            only spread is a small length penalty; group normalisation then blows that
+            penalty up to a unit-scale advantage (G = 16: A = -3.75 for the long one).
+
+    Returns:
+        Boolean mask.  # [len(groups)]
+    """
     from trainer.advantages import dynamic_sampling_mask
 
+    names = typing.get_args(FilterMetricName)
+    if metric not in names:
+        raise ValueError(f"metric must be one of {names}, got {metric!r}")
     if not groups:
-        return []
-    keep = dynamic_sampling_mask(np.stack([g.rewards for g in groups]))
+        return np.zeros(0, dtype=bool)
+    values = [g.correct.astype(np.float64) if metric == "acc" else g.rewards for g in groups]
+    return np.asarray(dynamic_sampling_mask(np.stack(values)), dtype=bool)
+
+
+def keep_informative(
+    groups: Sequence[RolloutGroup], metric: FilterMetricName = "acc"
+) -> list[RolloutGroup]:
+    """The groups :func:`informative_mask` keeps, in order."""
+    keep = informative_mask(groups, metric)
     return [g for g, k in zip(groups, keep, strict=True) if k]

@@ -9,7 +9,8 @@ Loop of the worker (``worker_main``), which runs in its own spawned process:
    (``group_size`` sub-envs per problem), sample ``n = G`` responses per prompt, feed them
    to the env's ``step_tokens`` so the env decides termination and reward, build one
    ``RolloutGroup`` per prompt stamped with the policy version that generated it, and
-   (dynamic sampling) drop groups whose rewards are all equal, repeating for at most
+   (dynamic sampling) drop groups whose verdicts (``rollout.filter_metric``) are all
+   equal, repeating for at most
    ``rollout.max_sampling_rounds`` rounds until ``rollout.prompts_per_step`` groups
    are kept;
 4. hand the batch to the learner through a bounded queue.
@@ -215,10 +216,22 @@ class _Worker:
             last, round_tokens = self.run_round()
             generated += len(last)
             tokens += round_tokens
-            kept.extend(keep_informative(last) if cfg.rollout.dynamic_sampling else last)
+            if cfg.rollout.dynamic_sampling:
+                kept.extend(keep_informative(last, cfg.rollout.filter_metric))
+            else:
+                kept.extend(last)
             if len(kept) >= cfg.rollout.prompts_per_step:
                 break
         groups = kept[: cfg.rollout.prompts_per_step] or last[: cfg.rollout.prompts_per_step]
+        if len(groups) < cfg.rollout.prompts_per_step or not kept:
+            # Logged here (the worker's log) and by the learner (rollout/short_batch).
+            print(
+                f"[rollout] batch {self.next_batch}: {len(kept)} informative group(s) of "
+                f"{cfg.rollout.prompts_per_step} after {cfg.rollout.max_sampling_rounds} "
+                f"round(s) ({generated} generated)"
+                + ("; the batch holds the last round's groups" if not kept else ""),
+                flush=True,
+            )
         return RolloutBatch(
             groups=tuple(groups),
             num_generated_groups=generated,
