@@ -10,7 +10,10 @@ One update (``Learner.update``):
    ``logp == old_logp`` exactly, Future-KL = 0, the step is DAPO's, as the spec says it
    must be); the other mini-batches get one no-grad pass on exactly their micro-batches.
 3. One optimiser step per mini-batch: ``trainer.fipo.policy_loss`` (token-mean), grad
-   clip, AdamW, warm-up schedule. Later mini-batches see a moved policy, which is where
+   clip, AdamW, warm-up schedule. Gradient accumulation is exact: each micro-batch
+   backpropagates its loss *sum*, and the summed gradients are divided by the
+   mini-batch's count after the sequence-drop rule (known only once every micro-batch
+   has run), so 1 or many micro-batches give the same loss, gradient and step. Later mini-batches see a moved policy, which is where
    Future-KL acts.
 
 A non-finite loss or gradient norm skips the optimiser step (gradients are zeroed and
@@ -179,21 +182,20 @@ class Learner:
                 out[r] = lp[i, : len(seqs.responses[r])]
         return [out[r] for r in range(len(seqs))]
 
-    def _normaliser(self, seqs: Sequences, micros: list[list[int]]) -> float | None:
-        """Denominator making summed micro-batch losses equal the mini-batch's loss.
+    def _denominator(self, seqs: Sequences, micros: list[list[int]], kept: dict) -> float:
+        """The mini-batch's aggregation denominator, counted after the sequence-drop rule.
 
-        ``None`` (the loss's own count, exact) when the mini-batch is one micro-batch. With
-        several, the token-mean uses the mini-batch's response-token count before the
-        sequence-drop rule (a dropped response then lowers the loss scale slightly).
+        Each micro-batch's loss is a sum (``normaliser=1``); dividing the summed gradients
+        by this gives exactly the loss of the whole mini-batch in one piece, however it
+        was split (``kept``: the micro-batches' ``loss/num_tokens`` and
+        ``loss/num_sequences``, summed).
         """
-        if len(micros) == 1:
-            return None
-        rows = [r for m in micros for r in m]
         aggregation = self.loss_config.aggregation
         if aggregation == "token_mean":
-            return float(max(1, sum(len(seqs.responses[r]) for r in rows)))
+            return max(1.0, kept["loss/num_tokens"])
         if aggregation == "seq_mean_token_mean":
-            return float(max(1, sum(1 for r in rows if seqs.responses[r])))
+            return max(1.0, kept["loss/num_sequences"])
+        rows = [r for m in micros for r in m]  # seq_mean_token_sum_norm: B * T, padded
         return float(len(rows) * max(1, max(len(seqs.responses[r]) for r in rows)))
 
     # --- the update -----------------------------------------------------------------
@@ -248,7 +250,8 @@ class Learner:
                 # would still move the weights (Adam momentum, weight decay) on nothing.
                 skipped_zero += 1
                 continue
-            normaliser = self._normaliser(seqs, micros)
+            loss_sum = 0.0
+            kept = {"loss/num_tokens": 0.0, "loss/num_sequences": 0.0}
             finite = True
             for rows in micros:
                 mb = make_micro_batch(seqs, rows, self.pad_id, shared)
@@ -274,12 +277,16 @@ class Learner:
                     mask,
                     self.loss_config,
                     behaviour_logp=behaviour,
-                    normaliser=normaliser,
+                    normaliser=1.0,  # a sum: divided by the mini-batch's count below
                 )
                 if not torch.isfinite(loss):
                     finite = False
                     break
                 loss.backward()
+                loss_sum += float(loss.detach())
+                for key in kept:
+                    kept[key] += metrics[key]
+                metrics["loss/policy"] = float("nan")  # the mini-batch's, set below
                 for key, value in metrics.items():
                     v = float(value)
                     if not math.isfinite(v):
@@ -294,6 +301,12 @@ class Learner:
                         counts[key] = counts.get(key, 0) + 1
             grad_norm = float("nan")
             if finite:
+                denominator = self._denominator(seqs, micros, kept)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(denominator)
+                sums["loss/policy"] = sums.get("loss/policy", 0.0) + loss_sum / denominator
+                counts["loss/policy"] = counts.get("loss/policy", 0) + 1
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
                 finite = math.isfinite(grad_norm)

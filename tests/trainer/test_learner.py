@@ -52,7 +52,9 @@ def _advantages(batch: RolloutBatch) -> list[np.ndarray]:
     return list(group_advantages(rewards))
 
 
-def _learner(model_dir: Path, model: dict | None = None, **optim) -> Learner:
+def _learner(
+    model_dir: Path, model: dict | None = None, algorithm: dict | None = None, **optim
+) -> Learner:
     values = {
         "model": {
             "path": str(model_dir),
@@ -63,6 +65,7 @@ def _learner(model_dir: Path, model: dict | None = None, **optim) -> Learner:
         },
         "rollout": {"prompts_per_step": 3, "group_size": 4},
         "optim": {"lr": 1e-2, "warmup_steps": 0, **optim},
+        "algorithm": algorithm or {},
     }
     cfg = build_config(values)
     return Learner(cfg, model_dir, build_loss_config(cfg.algorithm), pad_id=0)
@@ -89,6 +92,42 @@ def test_shared_prompt_and_padded_layouts_give_the_same_loss_and_gradient(
     assert packed["perf/learner_padded_tokens"] < padded["perf/learner_padded_tokens"]
     for key in ("loss/policy", "optim/grad_norm", "loss/token_loss_mean"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize("algorithm", ["fipo", "grpo"])
+def test_gradient_accumulation_is_exact_with_a_dropped_response(
+    tiny_model_dir: Path, algorithm: str
+) -> None:
+    """One micro-batch or many: the same loss, gradient norm and weights, also when the
+    sequence-drop rule removes responses (forced: the negative-advantage rows get old log-probs lowered
+    by 3 nats, so their ratios are e^3 > c = 10)."""
+    batch = _batch(9, groups=4)  # every response has >= 2 tokens
+    results = []
+    for micro_batch_tokens in (10_000, 16):  # one micro-batch per mini-batch / many
+        learner = _learner(
+            tiny_model_dir,
+            {"micro_batch_tokens": micro_batch_tokens},
+            mini_batches=2,
+            algorithm={"name": algorithm, "dual_clip": 10.0},
+        )
+        forward = learner._logprobs
+
+        def shifted(mb, forward=forward):
+            lp = forward(mb)
+            if torch.is_grad_enabled():
+                return lp
+            return lp - 3.0 * (mb.rows % 2 == 1).to(lp.dtype)[:, None]
+
+        learner._logprobs = shifted  # type: ignore[method-assign]
+        metrics = learner.update(batch, _advantages(batch))
+        results.append((metrics, _weights(learner)))
+    (one, w_one), (many, w_many) = results
+    if algorithm == "fipo":
+        assert one["loss/dropped_sequences"] > 0 and many["loss/dropped_sequences"] > 0
+    for key in ("optim/grad_norm", "loss/policy"):
+        assert many[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    for k in w_one:  # AdamW steps ~lr * sign(grad): near-zero grads magnify rounding
+        torch.testing.assert_close(w_many[k], w_one[k], rtol=1e-3, atol=1e-4)
 
 
 def test_thread_policy_is_asked_before_every_forward(tiny_model_dir: Path) -> None:
