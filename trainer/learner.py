@@ -16,8 +16,11 @@ One update (``Learner.update``):
    has run), so 1 or many micro-batches give the same loss, gradient and step. Later mini-batches see a moved policy, which is where
    Future-KL acts.
 
-A non-finite loss or gradient norm skips the optimiser step (gradients are zeroed and
-the skip is counted in the metrics); it is never applied. A mini-batch whose advantages
+A non-finite loss, gradient norm or log-prob (``loss/nonfinite_tokens`` > 0: an infinite
+log-prob is clamped to a finite ratio and would not show in the loss) skips the optimiser
+step (gradients are zeroed and the skip is counted in the metrics); it is never applied.
+The rows of a skipped first mini-batch still get their ``old_logp`` (no-grad pass, before
+any step), so ``optim.epochs > 1`` never trains a row against a moved "old" policy. A mini-batch whose advantages
 are all zero is skipped too (``optim/skipped_zero_advantage``): its gradient is 0, and an
 AdamW step on it would still move the weights through momentum and weight decay.
 """
@@ -198,6 +201,35 @@ class Learner:
         rows = [r for m in micros for r in m]  # seq_mean_token_sum_norm: B * T, padded
         return float(len(rows) * max(1, max(len(seqs.responses[r]) for r in rows)))
 
+    @torch.no_grad()
+    def _fill_old_logp(
+        self,
+        seqs: Sequences,
+        micros: list[list[int]],
+        old_logp: dict[int, torch.Tensor],
+        steps_taken: int,
+    ) -> None:
+        """``old_logp`` for the rows of a skipped mini-batch that have none yet.
+
+        Only the first mini-batch can lack them (its come from its own training forward),
+        and only before any optimiser step, so the weights are still the old policy: later
+        epochs then never train a row against a moved "old" policy (nor against the
+        non-finite values of the forward that made the step skip).
+        """
+        if steps_taken:  # every row got its old_logp before the first step
+            return
+        # A forward that made the step non-finite is not kept as the old policy either.
+        for rows in micros:
+            for r in rows:
+                if r in old_logp and not bool(torch.isfinite(old_logp[r]).all()):
+                    del old_logp[r]
+        missing = [rows for rows in micros if any(r not in old_logp for r in rows)]
+        for rows in missing:
+            mb = make_micro_batch(seqs, rows, self.pad_id, self.shared_prompt)
+            lp = self._logprobs(mb).cpu()
+            for i, r in enumerate(rows):
+                old_logp.setdefault(r, lp[i])
+
     # --- the update -----------------------------------------------------------------
 
     def update(self, batch: RolloutBatch, advantages: Sequence[np.ndarray]) -> dict[str, float]:
@@ -241,13 +273,14 @@ class Learner:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         extremes: dict[str, float] = {}
-        skipped = skipped_zero = 0
+        skipped = skipped_zero = steps_taken = 0
         tokens_seen = 0
         for micros in plan:
             self.optimizer.zero_grad(set_to_none=True)
             if not any(bool(seqs.advantages[rows].any()) for rows in micros):
                 # Zero advantage everywhere: the loss and its gradient are 0, and stepping
                 # would still move the weights (Adam momentum, weight decay) on nothing.
+                self._fill_old_logp(seqs, micros, old_logp, steps_taken)
                 skipped_zero += 1
                 continue
             loss_sum = 0.0
@@ -257,7 +290,7 @@ class Learner:
                 mb = make_micro_batch(seqs, rows, self.pad_id, shared)
                 tokens_seen += mb.padded_tokens
                 logp = self._logprobs(mb)
-                if rows[0] in old_logp:
+                if all(r in old_logp for r in rows):
                     T = mb.response_mask.shape[1]
                     old = torch.stack([_pad(old_logp[r], T) for r in rows]).to(self.device)
                 else:  # the first mini-batch: the policy the update starts from
@@ -279,7 +312,9 @@ class Learner:
                     behaviour_logp=behaviour,
                     normaliser=1.0,  # a sum: divided by the mini-batch's count below
                 )
-                if not torch.isfinite(loss):
+                # docs/fipo.md: an infinite log-prob is clamped to a finite ratio, so the
+                # loss alone does not show it; nonfinite_tokens does.
+                if not torch.isfinite(loss) or metrics["loss/nonfinite_tokens"] > 0:
                     finite = False
                     break
                 loss.backward()
@@ -312,11 +347,13 @@ class Learner:
                 finite = math.isfinite(grad_norm)
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
+                self._fill_old_logp(seqs, micros, old_logp, steps_taken)
                 skipped += 1
                 self.skipped_steps += 1
                 continue
             self.optimizer.step()
             self.scheduler.step()
+            steps_taken += 1
             self.optimizer_steps += 1
             sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + grad_norm
             counts["optim/grad_norm"] = counts.get("optim/grad_norm", 0) + 1

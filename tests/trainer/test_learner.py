@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -196,6 +197,72 @@ def test_all_zero_advantages_do_not_move_the_weights(tiny_model_dir: Path) -> No
     after = _weights(learner)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert learner.version == 2  # the batch was consumed all the same
+
+
+def _poison_first_forward(learner: Learner, value: float, grad: bool = True) -> None:
+    """The first forward with autograd on (``grad``; else off) returns ``value`` at one
+    response token."""
+    forward, calls = learner._logprobs, []
+
+    def poisoned(mb):
+        lp = forward(mb)
+        if torch.is_grad_enabled() == grad and not calls:
+            calls.append(1)
+            row, col = (mb.response_mask > 0).nonzero()[0].tolist()
+            lp = lp.index_put((torch.tensor([row]), torch.tensor([col])), torch.tensor(value))
+        return lp
+
+    learner._logprobs = poisoned  # type: ignore[method-assign]
+
+
+def test_infinite_logprob_skips_the_step(tiny_model_dir: Path) -> None:
+    # An old log-prob of -inf (the no-grad pass of the second mini-batch) is clamped to a
+    # ratio of e^20 and the loss stays finite: only the nonfinite-token count shows it,
+    # and docs/fipo.md says such a step is skipped.
+    learner = _learner(tiny_model_dir, mini_batches=2)
+    _poison_first_forward(learner, -math.inf, grad=False)
+    batch = _batch(3)
+    metrics = learner.update(batch, _advantages(batch))
+    assert metrics["optim/skipped_nonfinite"] == 1.0
+    assert learner.optimizer_steps == 1
+
+
+def test_epochs_after_a_skipped_first_mini_batch_have_every_old_logp(
+    tiny_model_dir: Path,
+) -> None:
+    """Every training forward after the skipped one uses the policy the update started
+    from as ``old``, row by row (not the moved policy, not the poisoned values)."""
+    import trainer.fipo
+    from trainer.packing import flatten_batch
+
+    learner = _learner(tiny_model_dir, {"micro_batch_tokens": 16}, mini_batches=2, epochs=2)
+    batch = _batch(9, groups=4)
+    adv = _advantages(batch)
+    reference = learner.logprobs(flatten_batch(batch, adv))  # the old policy, per row
+    _poison_first_forward(learner, math.nan)
+    forward, rows_seen, olds = learner._logprobs, [], []
+
+    def spy_forward(mb):
+        if torch.is_grad_enabled():
+            rows_seen.append(mb.rows.tolist())
+        return forward(mb)
+
+    def spy_loss(logp, old, *args, **kwargs):
+        olds.append(old.detach().cpu())
+        return real_loss(logp, old, *args, **kwargs)
+
+    real_loss = trainer.fipo.policy_loss
+    learner._logprobs = spy_forward  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer.fipo, "policy_loss", spy_loss)
+        metrics = learner.update(batch, adv)
+    assert metrics["optim/skipped_nonfinite"] == 1.0
+    assert learner.optimizer_steps == 3
+    assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["optim/grad_norm"])
+    for rows, old in list(zip(rows_seen, olds, strict=True))[1:]:  # [0]: the poisoned one
+        for i, r in enumerate(rows):
+            n = len(reference[r])
+            torch.testing.assert_close(old[i, :n], reference[r], atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
