@@ -42,6 +42,7 @@ __all__ = [
     "influence_weights",
     "loss_config",
     "policy_loss",
+    "policy_loss_terms",
     "token_losses",
 ]
 
@@ -590,6 +591,30 @@ def policy_loss(
         TypeError: If a tensor argument is not a tensor or ``cfg`` is not a LossConfig.
         ValueError: On mismatched shapes, non-float log-probs or an empty batch.
     """
+    loss, metrics, _ = policy_loss_terms(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        cfg,
+        behaviour_logp=behaviour_logp,
+        normaliser=normaliser,
+    )
+    return loss, metrics
+
+
+def policy_loss_terms(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    behaviour_logp: torch.Tensor | None = None,
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float], TokenLosses]:
+    """``policy_loss`` plus its per-token terms (for statistics a caller pools over
+    several calls, e.g. ratio quantiles over a whole update)."""
     if normaliser is not None and not normaliser > 0:
         raise ValueError(f"normaliser must be > 0 or None, got {normaliser}")
     terms = token_losses(logp, old_logp, advantages, mask, cfg, behaviour_logp=behaviour_logp)
@@ -599,7 +624,7 @@ def policy_loss(
     if isinstance(advantages, torch.Tensor):
         finite = finite & torch.isfinite(_token_advantages(advantages, logp.shape))
     nonfinite = terms.token_mask & ~finite
-    return loss, _metrics(terms, cfg, loss.detach(), nonfinite)
+    return loss, _metrics(terms, cfg, loss.detach(), nonfinite), terms
 
 
 def _metrics(

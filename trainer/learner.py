@@ -43,6 +43,7 @@ from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_batch, pack, partition
 from trainer.precision import resolve as resolve_precision
 from trainer.types import RolloutBatch
+from trainer.update_metrics import UpdateMetrics
 
 if TYPE_CHECKING:
     from trainer.fipo import LossConfig
@@ -160,7 +161,7 @@ class Learner:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _logprobs(self, mb: MicroBatch) -> torch.Tensor:
+    def _logprobs(self, mb: MicroBatch, with_entropy: bool = False):
         if self.thread_policy is not None:
             threads = self.thread_policy()
             if threads != torch.get_num_threads():
@@ -172,6 +173,7 @@ class Learner:
                 mb,
                 chunk_tokens=self.config.model.logprob_chunk_tokens,
                 temperature=self.config.rollout.temperature,
+                with_entropy=with_entropy,
             )
 
     @torch.no_grad()
@@ -240,9 +242,10 @@ class Learner:
             advantages: Per group, the advantage of each of its samples.  # groups x [G]
 
         Returns:
-            Namespaced metrics (``loss/…``, ``fipo/…``, ``optim/…``, ``perf/…``).
+            Namespaced metrics (``loss/…``, ``fipo/…``, ``policy/…``, ``optim/…``,
+            ``perf/…``), pooled over the update as ``trainer.update_metrics`` says.
         """
-        from trainer.fipo import policy_loss
+        from trainer.fipo import policy_loss_terms
 
         start = time.perf_counter()
         self._threads_used = []
@@ -270,12 +273,12 @@ class Learner:
                         old_logp[r] = lp[i]
         old_seconds = time.perf_counter() - start
 
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        extremes: dict[str, float] = {}
+        pooled = UpdateMetrics()
+        losses: list[float] = []  # per optimiser step: the mini-batch's loss
+        grad_norms: list[float] = []
         skipped = skipped_zero = steps_taken = 0
         tokens_seen = 0
-        for micros in plan:
+        for index, micros in enumerate(plan):
             self.optimizer.zero_grad(set_to_none=True)
             if not any(bool(seqs.advantages[rows].any()) for rows in micros):
                 # Zero advantage everywhere: the loss and its gradient are 0, and stepping
@@ -284,12 +287,13 @@ class Learner:
                 skipped_zero += 1
                 continue
             loss_sum = 0.0
+            step_calls: list[tuple] = []  # pooled only if the step is taken
             kept = {"loss/num_tokens": 0.0, "loss/num_sequences": 0.0}
             finite = True
             for rows in micros:
                 mb = make_micro_batch(seqs, rows, self.pad_id, shared)
                 tokens_seen += mb.padded_tokens
-                logp = self._logprobs(mb)
+                logp, entropy_t = self._logprobs(mb, with_entropy=True)
                 if all(r in old_logp for r in rows):
                     T = mb.response_mask.shape[1]
                     old = torch.stack([_pad(old_logp[r], T) for r in rows]).to(self.device)
@@ -303,7 +307,8 @@ class Learner:
                 if not bool(torch.isfinite(torch.where(mask > 0, behaviour, 0.0)).all()):
                     behaviour = None
                 adv = seqs.advantages[mb.rows].to(self.device)
-                loss, metrics = policy_loss(
+                entropy = (float(torch.where(mask > 0, entropy_t, 0.0).sum()), float(mask.sum()))
+                loss, metrics, terms = policy_loss_terms(
                     logp,
                     old,
                     adv,
@@ -321,27 +326,14 @@ class Learner:
                 loss_sum += float(loss.detach())
                 for key in kept:
                     kept[key] += metrics[key]
-                metrics["loss/policy"] = float("nan")  # the mini-batch's, set below
-                for key, value in metrics.items():
-                    v = float(value)
-                    if not math.isfinite(v):
-                        continue
-                    # Extremes stay extremes over the batch; everything else is averaged.
-                    if key.endswith("_max"):
-                        extremes[key] = max(extremes.get(key, v), v)
-                    elif key.endswith("_min"):
-                        extremes[key] = min(extremes.get(key, v), v)
-                    else:
-                        sums[key] = sums.get(key, 0.0) + v
-                        counts[key] = counts.get(key, 0) + 1
+                step_calls.append((metrics, terms.ratio, terms.keep, entropy))
             grad_norm = float("nan")
             if finite:
                 denominator = self._denominator(seqs, micros, kept)
                 for p in self.model.parameters():
                     if p.grad is not None:
                         p.grad.div_(denominator)
-                sums["loss/policy"] = sums.get("loss/policy", 0.0) + loss_sum / denominator
-                counts["loss/policy"] = counts.get("loss/policy", 0) + 1
+                losses.append(loss_sum / denominator)
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
                 finite = math.isfinite(grad_norm)
@@ -354,13 +346,17 @@ class Learner:
             self.optimizer.step()
             self.scheduler.step()
             steps_taken += 1
+            for metrics, ratio, keep, entropy in step_calls:
+                pooled.add(metrics, acting=index > 0, ratio=ratio, keep=keep, entropy=entropy)
+            grad_norms.append(grad_norm)
             self.optimizer_steps += 1
-            sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + grad_norm
-            counts["optim/grad_norm"] = counts.get("optim/grad_norm", 0) + 1
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        out = {k: sums[k] / counts[k] for k in sums if counts[k]}
-        out.update(extremes)
+        out = pooled.result()
+        if losses:  # mean over the optimiser steps of what each step minimised
+            out["loss/policy"] = float(np.mean(losses))
+            out["optim/grad_norm"] = float(np.mean(grad_norms))
+            out["optim/grad_norm_max"] = float(np.max(grad_norms))
         total_tokens = sum(len(r) for r in seqs.responses)
         elapsed = time.perf_counter() - start
         out.update(

@@ -26,14 +26,20 @@ def _chunk_logp(
     targets: torch.Tensor,  # [n]
     temperature: float,
     softcap: float,
-) -> torch.Tensor:  # [n] fp32
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [n] fp32 (and entropy [n])
     logits = F.linear(hidden, weight, bias).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return target_logits - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return target_logits - lse
+    with torch.no_grad():  # H = lse - sum(p * logits): a metric, detached, this chunk only
+        entropy = lse.detach() - (torch.softmax(logits.detach(), dim=-1) * logits.detach()).sum(-1)
+    return target_logits - lse, entropy
 
 
 def chunked_token_logprobs(
@@ -46,7 +52,8 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     softcap: float = 0.0,
     recompute_above_bytes: int = 1 << 30,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target token under ``softmax(hidden @ weight.T + bias)``.
 
     Args:
@@ -61,9 +68,12 @@ def chunked_token_logprobs(
             in backward) when all ``N x V`` fp32 logits would take more than this; below
             it they are kept, which saves a second LM-head projection (~4 % of an update
             for the CPU default, whose ~900-token micro-batches need ~180 MB).
+        with_entropy: Also return the entropy of each position's full distribution
+            (detached; computed chunk by chunk from the same logits, nothing kept).
 
     Returns:
-        fp32 log-probs.  # [N]
+        fp32 log-probs  # [N]
+        (and, with ``with_entropy``, fp32 entropies  # [N])
     """
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(
@@ -76,19 +86,24 @@ def chunked_token_logprobs(
         and (hidden.requires_grad or weight.requires_grad)
         and hidden.shape[0] * weight.shape[0] * 4 > recompute_above_bytes
     )
-    pieces = []
+    pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
         h = hidden[start : start + chunk_tokens]
         t = targets[start : start + chunk_tokens]
+        args = (h, weight, bias, t, temperature, softcap, with_entropy)
         if use_checkpoint:
-            piece = checkpoint(
-                _chunk_logp, h, weight, bias, t, temperature, softcap, use_reentrant=False
-            )
+            piece = checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
-            piece = _chunk_logp(h, weight, bias, t, temperature, softcap)
+            piece = _chunk_logp(*args)
+        if with_entropy:
+            piece, entropy = piece
+            entropies.append(entropy)
         pieces.append(piece)
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
+    if with_entropy:
+        return torch.cat(pieces), torch.cat(entropies)
     return torch.cat(pieces)
 
 
@@ -98,7 +113,8 @@ def micro_batch_logprobs(
     *,
     chunk_tokens: int = 1024,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens of a :class:`trainer.packing.MicroBatch`.
 
     Args:
@@ -107,9 +123,11 @@ def micro_batch_logprobs(
         mb: The micro-batch, padded or shared-prompt layout (``trainer.packing``).
         chunk_tokens: See :func:`chunked_token_logprobs`.
         temperature: Sampling temperature the responses were drawn with.
+        with_entropy: Also return the policy's entropy at each response token (detached).
 
     Returns:
-        fp32 log-probs, 0 where ``mb.response_mask`` is 0.  # [b, T]
+        fp32 log-probs, 0 where ``mb.response_mask`` is 0  # [b, T]
+        (and, with ``with_entropy``, the entropies laid out the same way  # [b, T])
     """
     device = model.get_output_embeddings().weight.device
     extra = {}
@@ -142,6 +160,11 @@ def micro_batch_logprobs(
         chunk_tokens=chunk_tokens,
         temperature=temperature,
         softcap=softcap,
+        with_entropy=with_entropy,
     )
+    index = (mb.out_row.to(device), mb.out_col.to(device))
     result = torch.zeros(mb.response_mask.shape, dtype=torch.float32, device=device)
-    return result.index_put((mb.out_row.to(device), mb.out_col.to(device)), flat)
+    if with_entropy:
+        flat, entropy = flat
+        return result.index_put(index, flat), torch.zeros_like(result).index_put(index, entropy)
+    return result.index_put(index, flat)

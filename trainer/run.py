@@ -150,6 +150,8 @@ def batch_metrics(batch: RolloutBatch, learner_version: int) -> dict[str, float]
         "reward/accuracy": float(correct.mean()),
         "rollout/response_len_mean": float(lengths.mean()),
         "rollout/response_len_max": float(lengths.max()),
+        # The paper reads the whole length distribution per step, not only its mean.
+        **{f"rollout/response_len_p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
         "rollout/truncated_frac": float(truncated.mean()),
         "rollout/staleness_mean": float(stale.mean()),
         "rollout/staleness_max": float(stale.max()),

@@ -113,8 +113,8 @@ def test_gradient_accumulation_is_exact_with_a_dropped_response(
         )
         forward = learner._logprobs
 
-        def shifted(mb, forward=forward):
-            lp = forward(mb)
+        def shifted(mb, forward=forward, **kwargs):
+            lp = forward(mb, **kwargs)
             if torch.is_grad_enabled():
                 return lp
             return lp - 3.0 * (mb.rows % 2 == 1).to(lp.dtype)[:, None]
@@ -157,7 +157,8 @@ def test_first_step_is_on_policy_and_later_steps_move_the_policy(tiny_model_dir:
     metrics = learner.update(batch, _advantages(batch))
     # One mini-batch: logp == old_logp bit for bit, so the ratio is exactly 1, F = 0.
     assert metrics["loss/ratio_min"] == 1.0 and metrics["loss/ratio_max"] == 1.0
-    assert metrics["fipo/future_kl_abs_mean"] == 0.0
+    assert metrics["fipo/all_mb/future_kl_abs_mean"] == 0.0
+    assert "fipo/future_kl_abs_mean" not in metrics  # no mini-batch where F can act
     assert metrics["optim/skipped_nonfinite"] == 0.0
     assert learner.version == 1 and learner.optimizer_steps == 1
     after = _weights(learner)
@@ -169,6 +170,27 @@ def test_first_step_is_on_policy_and_later_steps_move_the_policy(tiny_model_dir:
     # Later mini-batches see a moved policy: Future-KL is non-zero.
     assert metrics["loss/ratio_max"] > 1.0 or metrics["loss/ratio_min"] < 1.0
     assert metrics["fipo/future_kl_abs_mean"] > 0.0
+
+
+def test_update_metrics_are_totals_token_weighted_and_future_kl_where_it_acts(
+    tiny_model_dir: Path,
+) -> None:
+    learner = _learner(tiny_model_dir, {"micro_batch_tokens": 16}, mini_batches=3)
+    batch = _batch(9, groups=4)
+    metrics = learner.update(batch, _advantages(batch))
+    # Totals, not per-micro-batch means (no response is dropped here).
+    assert metrics["loss/dropped_sequences"] == 0.0
+    assert metrics["loss/num_tokens"] == metrics["learner/response_tokens"]
+    assert metrics["loss/num_sequences"] == metrics["learner/sequences"]
+    # The first mini-batch has F = 0 by construction: over the mini-batches where
+    # Future-KL acts |F| is larger than over all of them (kept as fipo/all_mb/...).
+    acting, every = metrics["fipo/future_kl_abs_mean"], metrics["fipo/all_mb/future_kl_abs_mean"]
+    assert acting > every > 0.0
+    # The paper's readings: entropy of the sampled tokens' distributions, ratio quantiles.
+    assert 0.0 < metrics["policy/entropy"] <= math.log(VOCAB) + 1e-5
+    assert metrics["loss/ratio_p10"] <= metrics["loss/ratio_p50"] <= metrics["loss/ratio_p90"]
+    assert metrics["loss/ratio_min"] <= metrics["loss/ratio_p10"]
+    assert metrics["loss/ratio_p90"] <= metrics["loss/ratio_max"]
 
 
 def test_nonfinite_loss_skips_the_step_and_leaves_weights_alone(tiny_model_dir: Path) -> None:
@@ -204,13 +226,14 @@ def _poison_first_forward(learner: Learner, value: float, grad: bool = True) -> 
     response token."""
     forward, calls = learner._logprobs, []
 
-    def poisoned(mb):
-        lp = forward(mb)
+    def poisoned(mb, **kwargs):
+        out = forward(mb, **kwargs)
+        lp, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         if torch.is_grad_enabled() == grad and not calls:
             calls.append(1)
             row, col = (mb.response_mask > 0).nonzero()[0].tolist()
             lp = lp.index_put((torch.tensor([row]), torch.tensor([col])), torch.tensor(value))
-        return lp
+        return lp if rest is None else (lp, *rest)
 
     learner._logprobs = poisoned  # type: ignore[method-assign]
 
@@ -242,19 +265,19 @@ def test_epochs_after_a_skipped_first_mini_batch_have_every_old_logp(
     _poison_first_forward(learner, math.nan)
     forward, rows_seen, olds = learner._logprobs, [], []
 
-    def spy_forward(mb):
+    def spy_forward(mb, **kwargs):
         if torch.is_grad_enabled():
             rows_seen.append(mb.rows.tolist())
-        return forward(mb)
+        return forward(mb, **kwargs)
 
     def spy_loss(logp, old, *args, **kwargs):
         olds.append(old.detach().cpu())
         return real_loss(logp, old, *args, **kwargs)
 
-    real_loss = trainer.fipo.policy_loss
+    real_loss = trainer.fipo.policy_loss_terms
     learner._logprobs = spy_forward  # type: ignore[method-assign]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer.fipo, "policy_loss", spy_loss)
+        mp.setattr(trainer.fipo, "policy_loss_terms", spy_loss)
         metrics = learner.update(batch, adv)
     assert metrics["optim/skipped_nonfinite"] == 1.0
     assert learner.optimizer_steps == 3

@@ -113,3 +113,16 @@ def test_shared_prompt_micro_batch_needs_block_attention() -> None:
     mb = make_micro_batch(seqs, range(len(seqs)), pad_id=0, shared_prompt=True)
     with pytest.raises(ValueError, match="block attention"):
         micro_batch_logprobs(model, mb)
+
+
+def test_chunked_entropy_matches_the_full_softmax() -> None:
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(7, 5), torch.randn(11, 5)
+    targets = torch.randint(0, 11, (7,))
+    logp, entropy = chunked_token_logprobs(
+        hidden, weight, targets, chunk_tokens=3, temperature=0.7, with_entropy=True
+    )
+    full = torch.log_softmax(hidden @ weight.T / 0.7, dim=-1)
+    torch.testing.assert_close(logp, full.gather(1, targets[:, None])[:, 0])
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    assert not entropy.requires_grad

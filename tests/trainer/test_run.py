@@ -208,3 +208,17 @@ def test_groups_the_filter_drops_get_zero_advantage_and_a_short_batch_is_flagged
                                     "filter_metric": "reward"}})  # fmt: skip
     adv, metrics = batch_advantages(batch, cfg)
     assert adv[0][-1] < -1.0 and metrics["rollout/short_batch"] == 0.0
+
+
+def test_batch_metrics_report_response_length_percentiles() -> None:
+    import numpy as np
+
+    from trainer.run import batch_metrics
+    from trainer.types import RolloutBatch, RolloutGroup
+
+    lengths = list(range(1, 11))
+    group = RolloutGroup((1,), tuple((2,) * n for n in lengths), tuple((0.0,) * n for n in lengths),
+                         np.zeros(10), np.zeros(10, bool), np.zeros(10, bool), 0)  # fmt: skip
+    m = batch_metrics(RolloutBatch((group,), 1, 1.0, 55), learner_version=0)
+    assert m["rollout/response_len_p10"] == np.percentile(lengths, 10)
+    assert m["rollout/response_len_p50"] == 5.5 and m["rollout/response_len_p90"] == 9.1
