@@ -149,3 +149,15 @@ def test_every_loss_preset_is_selectable() -> None:
         build_loss_config(parse_args([f"algorithm.name={name}"]).config.algorithm)
     dr = build_loss_config(parse_args(["algorithm.name=dr_grpo"]).config.algorithm)
     assert dr.aggregation == "seq_mean_token_sum_norm"
+
+
+def test_paper_preset_is_selectable_by_name() -> None:
+    from trainer.config import parse_args
+
+    cfg = parse_args(["--preset", "paper"]).config
+    assert cfg.rollout.max_staleness == 0 and cfg.rollout.group_size == 16
+    assert cfg.rollout.overlong_buffer > 0 and cfg.rollout.filter_metric == "acc"
+    assert cfg.algorithm.name == "fipo" and cfg.algorithm.tis_cap == 0.0
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high) == (0.2, 0.28)
+    assert cfg.algorithm.dual_clip == 10.0 and cfg.algorithm.decay_rate == 32.0
+    assert cfg.optim.mini_batches == 8 and cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps > 0
