@@ -9,8 +9,9 @@ of a rollout batch are laid out as ``[num_groups, G]``: one row per prompt, G sa
   ``scale_by_std=False`` only the mean is removed (Dr. GRPO).
 - ``dynamic_sampling_mask``: DAPO's dynamic sampling: a group whose rewards are all equal
   has zero advantage everywhere and only dilutes the batch, so it is dropped.
-- ``soft_overlong_penalty``: DAPO's length penalty, 0 up to ``max_length - buffer_length``
-  tokens, then falling linearly to -1 at ``max_length`` (and -1 beyond).
+
+DAPO's soft overlong penalty is not here: the reward server adds it to the reward it
+returns (``server.rewards.overlong_penalty``), so there is exactly one definition of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["dynamic_sampling_mask", "group_advantages", "soft_overlong_penalty"]
+__all__ = ["dynamic_sampling_mask", "group_advantages"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -124,35 +125,3 @@ def dynamic_sampling_mask(rewards: ArrayT, *, atol: float = 0.0) -> ArrayT:
         return back(np.zeros(array.shape[0], dtype=bool))
     spread = array.max(axis=1) - array.min(axis=1)
     return back(spread > atol)
-
-
-def soft_overlong_penalty(lengths: ArrayT, *, max_length: int, buffer_length: int) -> ArrayT:
-    """DAPO's soft overlong penalty ``min(0, -(len - (L_max - L_buf)) / L_buf)``, floored at -1.
-
-    Args:
-        lengths: Response lengths in tokens, any shape, >= 0.
-        max_length: ``L_max``, the response-length limit (> 0).
-        buffer_length: ``L_buf``, the length of the linear ramp, in (0, max_length].
-
-    Returns:
-        Penalties in [-1, 0] with the shape of ``lengths``, to add to the reward.
-
-    Raises:
-        ValueError: On negative or non-finite lengths or a bad limit.
-    """
-    for field, value in (("max_length", max_length), ("buffer_length", buffer_length)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"{field} must be an int, got {value!r}")
-    if max_length <= 0:
-        raise ValueError(f"max_length must be > 0, got {max_length}")
-    if not 0 < buffer_length <= max_length:
-        raise ValueError(
-            f"buffer_length must be in (0, max_length={max_length}], got {buffer_length}"
-        )
-    array, back = _to_numpy("lengths", lengths)
-    _check_finite("lengths", array)
-    if (array < 0).any():
-        raise ValueError(f"lengths must be >= 0, got min {array.min()}")
-    start = max_length - buffer_length
-    penalty = np.clip(-(array - start) / buffer_length, -1.0, 0.0)
-    return back(penalty + 0.0)  # + 0.0 turns -0.0 into 0.0

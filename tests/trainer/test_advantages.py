@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.advantages import dynamic_sampling_mask, group_advantages, soft_overlong_penalty
+import trainer.advantages
+from trainer.advantages import dynamic_sampling_mask, group_advantages
 
 
 def test_group_advantages_match_the_formula() -> None:
@@ -49,8 +50,6 @@ def test_types_round_trip() -> None:
     keep = dynamic_sampling_mask(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
     assert isinstance(keep, torch.Tensor) and keep.dtype == torch.bool
     assert keep.tolist() == [False, True]
-    pen = soft_overlong_penalty(torch.tensor([10, 19]), max_length=20, buffer_length=4)
-    assert isinstance(pen, torch.Tensor) and pen.tolist() == [0.0, -0.75]
 
 
 @pytest.mark.parametrize(
@@ -82,35 +81,8 @@ def test_dynamic_sampling_mask() -> None:
         dynamic_sampling_mask(rewards, atol=-1.0)
 
 
-def test_soft_overlong_penalty_shape() -> None:
-    lengths = np.array([0, 15, 16, 17, 18, 19, 20, 21, 1000])
-    got = soft_overlong_penalty(lengths, max_length=20, buffer_length=4)
-    np.testing.assert_allclose(got, [0, 0, 0, -0.25, -0.5, -0.75, -1, -1, -1])
-    assert not np.signbit(got[:3]).any()  # a clean 0.0, not -0.0
-    # Buffer = whole length: the ramp starts at 0 tokens.
-    np.testing.assert_allclose(
-        soft_overlong_penalty([0, 5, 10], max_length=10, buffer_length=10), [0, -0.5, -1]
-    )
-    grid = soft_overlong_penalty(np.arange(6).reshape(2, 3), max_length=4, buffer_length=2)
-    assert grid.shape == (2, 3)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(max_length=0, buffer_length=1), "max_length"),
-        (dict(max_length=10, buffer_length=0), "buffer_length"),
-        (dict(max_length=10, buffer_length=11), "buffer_length"),
-        (dict(max_length=10.5, buffer_length=2), "max_length"),
-    ],
-)
-def test_soft_overlong_penalty_bad_limits(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        soft_overlong_penalty([1, 2], **kwargs)
-
-
-def test_soft_overlong_penalty_bad_lengths() -> None:
-    with pytest.raises(ValueError, match="lengths must be >= 0"):
-        soft_overlong_penalty([-1, 2], max_length=10, buffer_length=2)
-    with pytest.raises(ValueError, match="finite"):
-        soft_overlong_penalty([np.nan], max_length=10, buffer_length=2)
+def test_the_overlong_penalty_is_defined_once_by_the_server() -> None:
+    """DAPO's soft overlong penalty had a second copy here that disagreed with the server's
+    at a zero buffer (it refused L_buf = 0; the server gives -1 beyond L_max). Rewards come
+    from the server, so its definition is the only one (tests/server/test_rewards.py)."""
+    assert not hasattr(trainer.advantages, "soft_overlong_penalty")
