@@ -463,10 +463,21 @@ class RunConfig:
     """How many step checkpoints to keep (older ones are deleted)."""
     progress: bool = True
     """Show a tqdm progress bar (the per-step summary line is always printed)."""
+    loggers: str = "tensorboard"
+    """Comma-separated metric loggers besides ``metrics.jsonl`` and the PNG plots:
+    ``tensorboard`` (event files in the run folder's ``tensorboard/``; ``tensorboard
+    --logdir runs/`` shows runs side by side), ``wandb``, ``mlflow`` (their own packages,
+    installed by you; a missing one fails at start). Empty: none."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
         _check(self.steps >= 0, s, "steps", "must be >= 0", self.steps)
+        try:
+            from trainer.loggers import parse_loggers
+
+            parse_loggers(self.loggers)
+        except ValueError as exc:
+            _check(False, s, "loggers", f"is invalid: {exc}", self.loggers)
         _check(bool(self.out_dir.strip()), s, "out_dir", "must not be empty", self.out_dir)
         _check("/" not in self.name, s, "name", "must be a folder name, not a path", self.name)
         _check(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.loggers import MetricsSink
 
 # (file name, title, [(metric, label)], kind) of each plot.
 PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...], str], ...] = (
@@ -73,8 +76,14 @@ class MetricsLog:
             belonged to the interrupted tail of the previous process).
     """
 
-    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        truncate_after_step: int | None = None,
+        sinks: Sequence[MetricsSink] = (),
+    ):
         self.path = Path(path)
+        self.sinks = list(sinks)  # TensorBoard, wandb, MLflow (trainer.loggers)
         if truncate_after_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -86,10 +95,14 @@ class MetricsLog:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.log(kind, step, metrics)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and the sinks."""
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _jsonable(value: Any) -> Any:

@@ -225,12 +225,14 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
     from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
     from trainer.learner import Learner, build_loss_config
+    from trainer.loggers import check_installed, make_sinks, parse_loggers
     from trainer.plots import MetricsLog, write_plots
     from trainer.rollout import ProcessRolloutSource, rollout_worker_config
 
     stopper = _Stopper()
     stopper.install()
     model_dir = resolve_model_dir(cfg.model.path)  # before the run folder: none left on error
+    check_installed(parse_loggers(cfg.run.loggers))  # a missing wandb/mlflow: before anything
     cfg, precision = resolve_precision(cfg)
     run_dir = make_run_dir(cfg, resume)
     save_yaml(cfg, run_dir / "config.yaml", comment=f"precision: {precision.reason}")
@@ -299,7 +301,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         stack.callback(eval_env.close)
         problems = held_out_problems(cfg.task.spec, cfg.eval.num_problems, cfg.task.eval_seed)
         generator = SourceGreedyGenerator(source, eval_env.stop_ids)
-        log = MetricsLog(run_dir / "metrics.jsonl",
+        sinks = make_sinks(parse_loggers(cfg.run.loggers), run_dir, cfg.to_dict(),
+                           resume_step=start_step if resume else None)  # fmt: skip
+        log = MetricsLog(run_dir / "metrics.jsonl", sinks=sinks,
                          truncate_after_step=start_step if resume else None)  # fmt: skip
         stack.callback(log.close)
         log.write("setup", start_step, {"perf/engine_start_s": engine_start_s,
@@ -414,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train(parsed.config, parsed.resume)
     except ConfigError as exc:
         print(f"fipo-train: config error: {exc}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a logger's package (run.loggers=wandb, ...)
+        print(f"fipo-train: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # model dir, resume folder
         print(f"fipo-train: {exc}", file=sys.stderr)
