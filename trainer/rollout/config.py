@@ -162,7 +162,8 @@ def engine_threads(cfg: TrainConfig) -> int | None:
     if cfg.rollout.worker_cpus:
         return None  # the worker sets its threads from its CPU affinity
     cores = len(os.sched_getaffinity(0))
-    return max(1, cores - max(cfg.model.num_threads, 0) if cfg.model.num_threads else cores // 2)
+    learner = cfg.model.num_threads  # 0: the learner uses every core, so split them
+    return max(1, cores - learner if learner else cores // 2)
 
 
 def rollout_worker_config(
