@@ -22,7 +22,9 @@ TINY = [
     "rollout.prompts_per_step=2",
     "rollout.group_size=4",
     "rollout.max_response_tokens=32",
-    "rollout.dynamic_sampling=false",
+    # Dynamic sampling on (3 rounds): a batch of groups whose verdicts all agree has zero
+    # advantage and, rightly, takes no optimiser step; the smoke run must train.
+    "task.spec=arithmetic:0",
     "optim.mini_batches=2",
     "eval.num_problems=8",
     "eval.every=0",
@@ -109,8 +111,13 @@ def test_smoke_two_steps_then_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "smoke"
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == [1, 2]
+    # Every mini-batch (2 per step) either stepped or was skipped for having nothing to learn
+    # (all-zero advantages); "optim/steps" counts the run's optimiser steps so far.
+    skipped_zero = sum(r["optim/skipped_zero_advantage"] for r in train)
+    assert train[-1]["optim/steps"] + skipped_zero == 2 * len(train)
+    assert train[-1]["optim/steps"] > 0
     for r in train:
-        assert r["optim/steps"] > 0 and r["optim/skipped_nonfinite"] == 0
+        assert r["optim/skipped_nonfinite"] == 0
         assert -1.0 <= r["reward/mean"] <= 1.0
         assert r["rollout/staleness_max"] <= 1  # the default max_staleness
     evals = _records(run_dir, "eval")
