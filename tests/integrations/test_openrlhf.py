@@ -23,7 +23,7 @@ from server.openrlhf import STATUS_KEYS
 from server.service import create_server
 from server.types import ScoreItem, Status
 
-from .venvs import ensure
+from .venvs import python_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Question: {q}\nPut the final answer in \\boxed{{}}.\nAnswer:"
@@ -39,10 +39,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def openrlhf_python() -> Path:
-    python, reason = ensure("openrlhf")
-    if python is None:
-        pytest.skip(f"OpenRLHF venv unavailable: {reason}")
-    return python
+    return python_or_skip("openrlhf")
 
 
 @pytest.fixture(scope="module")

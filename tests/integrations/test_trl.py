@@ -18,17 +18,14 @@ import pytest
 from server.config import PoolConfig, ServerConfig
 from server.service import create_server
 
-from .venvs import ensure
+from .venvs import python_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def trl_python() -> Path:
-    python, reason = ensure("trl")
-    if python is None:
-        pytest.skip(f"TRL venv unavailable: {reason}")
-    return python
+    return python_or_skip("trl")
 
 
 def test_trl_grpo_example_one_step(trl_python, tmp_path, default_model_dir):

@@ -27,7 +27,7 @@ from server.config import PoolConfig, ServerConfig
 from server.service import create_server
 from server.types import ScoreItem, Status
 
-from .venvs import ensure
+from .venvs import python_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [
@@ -41,10 +41,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def verl_python() -> Path:
-    python, reason = ensure("verl")
-    if python is None:
-        pytest.skip(f"verl venv unavailable: {reason}")
-    return python
+    return python_or_skip("verl")
 
 
 @pytest.fixture(scope="module")

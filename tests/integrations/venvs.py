@@ -188,6 +188,16 @@ def ensure(name: str) -> tuple[Path | None, str]:
         return None, str(e)
 
 
+def python_or_skip(name: str) -> Path:
+    """For a test fixture: the venv's python, or ``pytest.skip`` with the reason."""
+    import pytest
+
+    python, reason = ensure(name)
+    if python is None:
+        pytest.skip(f"{name} venv unavailable: {reason}")
+    return python
+
+
 def main(argv: list[str]) -> int:
     names = list(RECIPES) if argv in ([], ["all"]) else argv
     for name in names:
