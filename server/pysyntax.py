@@ -138,6 +138,38 @@ def to_latex(text: str) -> str:
     return _Emitter().emit(root)[0]
 
 
+def last_boxed_span(text: str, commands: tuple[str, ...] = (_BOXED,)) -> tuple[int, int] | None:
+    """Where the content of the last ``\\boxed{...}`` (or another of ``commands``) lies.
+
+    Returns:
+        ``(start, end)`` with ``text[start:end]`` the content between the balanced braces,
+        or ``None`` when there is no such command or its braces never close.
+    """
+    start = max(text.rfind(command + "{") for command in commands)
+    if start < 0:
+        return None
+    begin = text.index("{", start) + 1
+    depth = 1
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return begin, i
+    return None
+
+
+def _latex_or_none(text: str) -> str | None:
+    """``to_latex(text)`` when ``text`` looks like Python syntax and reads unambiguously."""
+    if not text or not looks_pythonic(text):
+        return None
+    try:
+        return to_latex(text)
+    except PySyntaxError:
+        return None
+
+
 def rewrite_boxed(response: str) -> tuple[str, bool]:
     """Rewrite the last ``\\boxed{...}`` of a response from Python syntax to LaTeX.
 
@@ -145,29 +177,11 @@ def rewrite_boxed(response: str) -> tuple[str, bool]:
         ``(text, changed)``: the response with the box's content converted, or the response
         unchanged when it has no box, the box is not in Python syntax, or it cannot be read.
     """
-    start = response.rfind(_BOXED + "{")
-    if start < 0:
+    span = last_boxed_span(response)
+    latex = _latex_or_none(response[span[0] : span[1]]) if span else None
+    if span is None or latex is None:
         return response, False
-    open_at = start + len(_BOXED)
-    depth, i = 0, open_at
-    for i in range(open_at, len(response)):
-        ch = response[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                break
-    else:
-        return response, False
-    content = response[open_at + 1 : i]
-    if not looks_pythonic(content):
-        return response, False
-    try:
-        latex = to_latex(content)
-    except PySyntaxError:
-        return response, False
-    return f"{response[: open_at + 1]}{latex}{response[i:]}", True
+    return f"{response[: span[0]]}{latex}{response[span[1] :]}", True
 
 
 def rewrite_final_line(response: str) -> tuple[str, bool]:
@@ -178,14 +192,10 @@ def rewrite_final_line(response: str) -> tuple[str, bool]:
     if _BOXED in response:
         return response, False
     lines = [ln for ln in response.strip().splitlines() if ln.strip()]
-    if not lines:
-        return response, False
-    tail = lines[-1].rsplit(":", 1)[-1].strip().strip("$`").strip()
-    if not tail or not looks_pythonic(tail):
-        return response, False
-    try:
-        latex = to_latex(tail)
-    except PySyntaxError:
+    latex = (
+        _latex_or_none(lines[-1].rsplit(":", 1)[-1].strip().strip("$`").strip()) if lines else None
+    )
+    if latex is None:
         return response, False
     return f"{response}\n\\boxed{{{latex}}}", True
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fipo_env.tasks.types import ListTask, Problem, check_split, in_split
+from server.pysyntax import last_boxed_span
 from server.types import AnswerFormat
 
 PROBLEM_KEYS = ("problem", "question", "prompt")
@@ -39,20 +40,8 @@ def last_boxed(text: str) -> str | None:
 
     Returns ``None`` when there is none or its braces never close.
     """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        ch = text[j]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
+    span = last_boxed_span(text, ("\\boxed", "\\fbox"))
+    return None if span is None else text[span[0] : span[1]].strip()
 
 
 def extract_gold(value: Any, column: str) -> tuple[str, ...]:
