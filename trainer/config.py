@@ -132,6 +132,10 @@ class TaskConfig:
     """Seed of the training problem stream."""
     eval_seed: int = 1234
     """Seed that picks the held-out eval problems (fixed across a run and its resumes)."""
+    system_prompt: str = ""
+    """System message of every prompt (training and eval); empty keeps the chat
+    template's own default. E.g. ``"Solve the problem step by step, then give the final
+    answer in \\boxed{}."``"""
 
     def __post_init__(self) -> None:
         s = self.SECTION

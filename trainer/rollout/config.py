@@ -38,6 +38,7 @@ class RolloutWorkerConfig:
             (``engine``, ``dtype``, ...) are not read here: ``engine`` holds them.
         task: ``fipo_env`` task spec of the training problems (``"arithmetic"``,
             ``"arithmetic:0,1"``, ``"file:/data/train.jsonl"``, ...); its train split.
+        system_prompt: System message of every prompt; empty keeps the chat template's.
         verifier: ``"local"`` (the reward server's worker pool inside the worker process)
             or the ``host:port`` of a running reward server (gRPC ``RewardClient``).
         reward_scheme: ``"binary"`` (1/0) or ``"signed"`` (+1/-1) verifier reward.
@@ -55,6 +56,7 @@ class RolloutWorkerConfig:
     engine: EngineConfig
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     task: str = "arithmetic"
+    system_prompt: str = ""
     verifier: str = "local"
     reward_scheme: RewardSchemeName = "binary"
     seed: int = 0
@@ -113,10 +115,13 @@ class RolloutWorkerConfig:
                 overlong buffer); a number for held-out eval, which uses that limit and
                 scores answers without the overlong penalty.
         """
+        from fipo_env.config import PromptTemplate
         from server.types import RewardScheme
 
         training = max_response_tokens is None
+        prompt = {"prompt": PromptTemplate(system=self.system_prompt)} if self.system_prompt else {}
         return {
+            **prompt,
             "tokenizer": self.engine.model_dir,
             "task": self.task,
             "verifier": self.verifier,
@@ -194,6 +199,7 @@ def rollout_worker_config(
         engine=engine,
         rollout=r,
         task=cfg.task.spec,
+        system_prompt=cfg.task.system_prompt,
         verifier=verifier,
         reward_scheme=cfg.algorithm.reward_scheme,
         seed=cfg.task.seed,
