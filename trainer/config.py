@@ -342,6 +342,9 @@ class AlgorithmConfig:
     """s: for A < 0 and ratio > s, weights are clamped to [0.8, 1]."""
     dual_clip: float | None = None
     """c: dual-clip constant and Future-KL participation filter."""
+    participation_filter: bool | None = None
+    """Leave tokens with ratio > ``dual_clip`` out of Future-KL (FIPO's recipe); false is
+    the paper's ablation, where every token feeds Future-KL."""
     clip_low: float | None = None
     """eps_lo of the PPO clip."""
     clip_high: float | None = None

@@ -118,6 +118,9 @@ class LossConfig:
         aggregation: How token losses are reduced, a key of ``AGGREGATIONS``:
             ``token_mean`` (DAPO/FIPO), ``seq_mean_token_mean`` (GRPO) or
             ``seq_mean_token_sum_norm`` (Dr. GRPO).
+        participation_filter: Whether tokens with ratio > ``dual_clip`` are left out of
+            Future-KL (the official recipe). False lets every token feed F: the paper's
+            ablation, reported to derail training and collapse response length.
         log_ratio_clamp: ``logp - old_logp`` is clamped to +-this before anything else.
         tis_cap: Cap of the truncated importance-sampling weight
             ``min(exp(old_logp - behaviour_logp), tis_cap)`` that corrects for the rollout
@@ -135,6 +138,7 @@ class LossConfig:
     safety_threshold: float | None = 10.0
     drop_sequences: bool = True
     aggregation: str = "token_mean"
+    participation_filter: bool = True
     log_ratio_clamp: float = 20.0
     tis_cap: float | None = 2.0
 
@@ -176,6 +180,8 @@ class LossConfig:
             raise bad("drop_sequences", "must be a bool")
         if self.drop_sequences and c is None:
             raise bad("drop_sequences", "needs dual_clip (its threshold); set it False")
+        if not isinstance(self.participation_filter, bool):
+            raise bad("participation_filter", "must be a bool")
         if self.aggregation not in AGGREGATIONS:
             raise bad("aggregation", f"must be one of {sorted(AGGREGATIONS)}")
         if number("log_ratio_clamp") <= 0.0:
@@ -497,7 +503,8 @@ def token_losses(
 
     # 2-6. Future-KL influence weights (detached). Off: f = 1, i.e. DAPO.
     if cfg.uses_future_kl:
-        fkl = future_kl(delta, token_mask, cfg.decay_rate, ratio_cap=cfg.dual_clip).to(dtype)
+        cap = cfg.dual_clip if cfg.participation_filter else None
+        fkl = future_kl(delta, token_mask, cfg.decay_rate, ratio_cap=cap).to(dtype)
         weights = influence_weights(
             fkl,
             clip_range=cfg.influence_clip,

@@ -61,6 +61,7 @@ def build_loss_config(algorithm: AlgorithmConfig) -> LossConfig:
             "clip_high_only",
             "safety_threshold",
             "dual_clip",
+            "participation_filter",
             "clip_low",
             "clip_high",
         )

@@ -446,3 +446,35 @@ def test_metrics_are_namespaced_floats() -> None:
     assert 1.0 <= metrics["fipo/influence_min"] <= metrics["fipo/influence_max"] <= 1.2
     _, dapo_metrics = policy_loss(logp, old, adv, mask, LossConfig.dapo())
     assert not any(k.startswith("fipo/") for k in dapo_metrics)
+
+
+def test_participation_filter_off_lets_capped_tokens_feed_future_kl():
+    """The paper's ablation: with the filter off, a token whose ratio exceeds the dual-clip
+    constant still adds to F; with it on (the recipe) it adds nothing."""
+    from trainer.fipo import future_kl, token_losses
+
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    # Token 2's ratio is e^3 ~ 20 > dual_clip 10; the others are mild.
+    logp = torch.tensor([[0.05, -0.02, 3.0, 0.01]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    on = token_losses(logp, old, adv, mask, LossConfig.fipo(tis_cap=None))
+    off = token_losses(
+        logp, old, adv, mask, LossConfig.fipo(tis_cap=None, participation_filter=False)
+    )
+    assert torch.allclose(on.future_kl, future_kl(logp, mask, 32.0, ratio_cap=10.0))
+    assert torch.allclose(off.future_kl, future_kl(logp, mask, 32.0, ratio_cap=None))
+    # Tokens at or before the capped one see it in F only with the filter off.
+    assert (off.future_kl[0, :3] - on.future_kl[0, :3] > 2.5).all()
+    assert torch.equal(off.future_kl[0, 3], on.future_kl[0, 3])
+    with pytest.raises(ValueError, match="participation_filter"):
+        LossConfig.fipo(participation_filter="no")
+
+
+def test_algorithm_participation_filter_reaches_the_loss():
+    from trainer.config import AlgorithmConfig
+    from trainer.learner import build_loss_config
+
+    assert build_loss_config(AlgorithmConfig()).participation_filter is True
+    cfg = AlgorithmConfig(participation_filter=False)
+    assert build_loss_config(cfg).participation_filter is False
