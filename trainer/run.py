@@ -26,9 +26,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -159,6 +159,27 @@ def batch_metrics(batch: RolloutBatch, learner_version: int) -> dict[str, float]
         "rollout/kept_frac": len(batch.groups) / max(1, batch.num_generated_groups),
         "rollout/gen_s": float(batch.gen_seconds),
         "rollout/gen_tokens_per_s": batch.gen_tokens / max(batch.gen_seconds, 1e-9),
+    }
+
+
+def rollout_record(batch: RolloutBatch, decode: Callable[[Sequence[int]], str]) -> dict[str, Any]:
+    """One ``rollouts.jsonl`` record: every response's length, verdict and reward, per group,
+    and the text of each group's first response (what the paper reads from its runs:
+    accuracy against length, the length distribution, sampled responses)."""
+    return {
+        "groups": [
+            {
+                "problem": g.problem,
+                "answer": g.answer,
+                "version": int(g.policy_version),
+                "lengths": [len(r) for r in g.response_ids],
+                "correct": [bool(c) for c in g.correct],
+                "truncated": [bool(t) for t in g.truncated],
+                "rewards": [round(float(r), 4) for r in g.rewards],
+                "sample": decode(g.response_ids[0]) if g.response_ids else "",
+            }
+            for g in batch.groups
+        ]
     }
 
 
@@ -306,6 +327,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         log = MetricsLog(run_dir / "metrics.jsonl", sinks=sinks,
                          truncate_after_step=start_step if resume else None)  # fmt: skip
         stack.callback(log.close)
+        rollouts = MetricsLog(run_dir / "rollouts.jsonl",
+                              truncate_after_step=start_step if resume else None)  # fmt: skip
+        stack.callback(rollouts.close)
         log.write("setup", start_step, {"perf/engine_start_s": engine_start_s,
                                         "setup/engine_vllm": float(source.engine_kind == "vllm")})  # fmt: skip
 
@@ -367,6 +391,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                                 "perf/step_s": time.perf_counter() - t0})  # fmt: skip
                 # 6. Log.
                 log.write("train", step, metrics)
+                rollouts.write("rollouts", step, rollout_record(batch, tokenizer.decode))
                 bar.set_postfix(reward=f"{metrics['reward/mean']:+.2f}",
                                 acc=f"{metrics['reward/accuracy']:.2f}",
                                 len=f"{metrics['rollout/response_len_mean']:.0f}",

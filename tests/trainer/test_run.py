@@ -136,6 +136,10 @@ def test_smoke_two_steps_then_resume(tmp_path: Path) -> None:
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    # One rollouts.jsonl record per step (the resumed process keeps steps 1-2, adds 3).
+    rollouts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [1, 2, 3]
+    assert all(len(g["lengths"]) == len(g["correct"]) >= 2 for r in rollouts for g in r["groups"])
 
 
 @pytest.mark.slow
@@ -229,3 +233,19 @@ def test_batch_metrics_report_response_length_percentiles() -> None:
     m = batch_metrics(RolloutBatch((group,), 1, 1.0, 55), learner_version=0)
     assert m["rollout/response_len_p10"] == np.percentile(lengths, 10)
     assert m["rollout/response_len_p50"] == 5.5 and m["rollout/response_len_p90"] == 9.1
+
+
+def test_rollout_record_keeps_every_response_and_one_text_per_group() -> None:
+    import numpy as np
+
+    from trainer.run import rollout_record
+    from trainer.types import RolloutBatch, RolloutGroup
+
+    group = RolloutGroup((1,), ((5, 6, 7), (8,)), ((0.0,) * 3, (0.0,)), np.array([1.0, -1.0]),
+                         np.array([True, False]), np.array([False, True]), 3, "1+1", "2")  # fmt: skip
+    record = rollout_record(RolloutBatch((group,), 1, 1.0, 4), lambda ids: "-".join(map(str, ids)))
+    assert record == {"groups": [{
+        "problem": "1+1", "answer": "2", "version": 3, "lengths": [3, 1],
+        "correct": [True, False], "truncated": [False, True], "rewards": [1.0, -1.0],
+        "sample": "5-6-7",
+    }]}  # fmt: skip
