@@ -23,6 +23,21 @@ The rows of a skipped first mini-batch still get their ``old_logp`` (no-grad pas
 any step), so ``optim.epochs > 1`` never trains a row against a moved "old" policy. A mini-batch whose advantages
 are all zero is skipped too (``optim/skipped_zero_advantage``): its gradient is 0, and an
 AdamW step on it would still move the weights through momentum and weight decay.
+
+**Data parallel** (``process_group``: K ranks of one ``torch.distributed`` group, gloo on
+CPU, NCCL on GPU; ``trainer.learner_group`` starts them as Ray actors). Every rank holds
+the whole batch and the same generator, so every rank draws the same mini-batches; each
+trains on its share of each one (``trainer.packing.shard``: whole groups, balanced by
+tokens) and keeps its own ``old_logp`` for the rows it trains on. Per optimiser step one
+small all-reduce sums the loss, the surviving-token and sequence counts (after the
+sequence-drop rule) and the non-finite flag, and one all-reduce sums the gradients, which
+are then divided by the global count: K ranks make the step one rank makes on the same
+batch, up to float summation order. Every skip is decided on global figures (the
+zero-advantage test reads the whole mini-batch; the non-finite test the summed flag and
+the gradient norm of the identical summed gradients), so ranks never disagree on a step
+and never wait on each other in a collective. Future-KL is per response: it needs no
+communication. The pooled metrics are merged over the ranks at the end of the update.
+Without a group nothing of this runs: the single-process update is the same code.
 """
 
 from __future__ import annotations
@@ -36,11 +51,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fipo_env.models import offline_hub
 from trainer.config import AlgorithmConfig, ConfigError, TrainConfig
 from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import MicroBatch, Sequences, flatten_batch, make_micro_batch, pack, partition
+from trainer.packing import (
+    MicroBatch,
+    Sequences,
+    flatten_batch,
+    make_micro_batch,
+    mini_batch_rows,
+    pack,
+    shard,
+)
 from trainer.precision import resolve as resolve_precision
 from trainer.types import RolloutBatch
 from trainer.update_metrics import UpdateMetrics
@@ -112,12 +136,24 @@ class Learner:
         model_dir: Local HF model directory.
         loss_config: A ``trainer.fipo.LossConfig``.
         pad_id: Token id used for padding (masked out everywhere).
+        process_group: The data-parallel group this learner is one rank of (see the
+            module docstring), already initialised; every rank is built with the same
+            arguments and calls ``update`` on the same batch. ``None``: one process.
+            Rank 0's weights are broadcast to the others here, so replicas start equal.
     """
 
     def __init__(
-        self, config: TrainConfig, model_dir: str | Path, loss_config: LossConfig, pad_id: int
+        self,
+        config: TrainConfig,
+        model_dir: str | Path,
+        loss_config: LossConfig,
+        pad_id: int,
+        process_group: dist.ProcessGroup | None = None,
     ):
         self.config = config
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group) if process_group is not None else 0
+        self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         self.loss_config = loss_config
         self.pad_id = pad_id
         self.device = resolve_device(config.model.device)
@@ -132,9 +168,14 @@ class Learner:
             from trainer.segment_attention import use_segment_attention
 
             use_segment_attention(self.model)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        if process_group is not None:
+            with torch.no_grad():
+                for tensor in self.model.state_dict().values():
+                    dist.broadcast(tensor, group=process_group, group_src=0)
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            self._params,
             lr=opt.lr,
             betas=(opt.beta1, opt.beta2),
             weight_decay=opt.weight_decay,
@@ -188,20 +229,21 @@ class Learner:
                 out[r] = lp[i, : len(seqs.responses[r])]
         return [out[r] for r in range(len(seqs))]
 
-    def _denominator(self, seqs: Sequences, micros: list[list[int]], kept: dict) -> float:
+    def _denominator(self, seqs: Sequences, rows: list[int], kept: dict) -> float:
         """The mini-batch's aggregation denominator, counted after the sequence-drop rule.
 
         Each micro-batch's loss is a sum (``normaliser=1``); dividing the summed gradients
         by this gives exactly the loss of the whole mini-batch in one piece, however it
-        was split (``kept``: the micro-batches' ``loss/num_tokens`` and
-        ``loss/num_sequences``, summed).
+        was split (``rows``: the whole mini-batch's, every rank's share; ``kept``: the
+        micro-batches' ``loss/num_tokens`` and ``loss/num_sequences``, summed over them
+        and over the ranks).
         """
         aggregation = self.loss_config.aggregation
         if aggregation == "token_mean":
             return max(1.0, kept["loss/num_tokens"])
         if aggregation == "seq_mean_token_mean":
             return max(1.0, kept["loss/num_sequences"])
-        rows = [r for m in micros for r in m]  # seq_mean_token_sum_norm: B * T, padded
+        # seq_mean_token_sum_norm: B * T, padded
         return float(len(rows) * max(1, max(len(seqs.responses[r]) for r in rows)))
 
     @torch.no_grad()
@@ -233,6 +275,56 @@ class Learner:
             for i, r in enumerate(rows):
                 old_logp.setdefault(r, lp[i])
 
+    def _old_logp_pass(
+        self, seqs: Sequences, rows: list[int], old_logp: dict[int, torch.Tensor]
+    ) -> None:
+        lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id, self.shared_prompt)).cpu()
+        for i, r in enumerate(rows):
+            old_logp[r] = lp[i]
+
+    # --- data parallel (only with a process group) ----------------------------------
+
+    def _all_reduce_floats(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.process_group)
+        return t.tolist()
+
+    def _all_reduce_step(self, loss_sum: float, kept: dict, finite: bool) -> tuple[float, bool]:
+        """Sum one step's loss, counts (``kept``, in place) and gradients over the ranks.
+
+        Returns the global loss sum and whether every rank was finite; the gradients are
+        summed only then (a skipped step needs none). Why an explicit all-reduce, not
+        DDP: each micro-batch backpropagates a loss *sum*, and the divisor, the global
+        count after the sequence-drop rule, is known only after every rank's last
+        micro-batch; summing the gradient sums and dividing once by that count is
+        exactly the one-rank gradient. DDP averages over K in hooks during ``backward``
+        (each micro-batch would need ``no_sync``, uneven shares ``join``) and would reduce
+        before the skip decision. The cost: no overlap of the reduce with the backward,
+        and one flat fp32 copy of the gradients.
+        """
+        has_grad = [float(p.grad is not None) for p in self._params]
+        names = list(kept)
+        summed = self._all_reduce_floats(
+            [loss_sum, 0.0 if finite else 1.0, *(kept[k] for k in names), *has_grad]
+        )
+        loss_sum, nonfinite = summed[0], summed[1]
+        kept.update(zip(names, summed[2 : 2 + len(names)], strict=True))
+        if nonfinite > 0:
+            return loss_sum, False
+        # Parameters no rank has a gradient for stay without one (AdamW skips them, as
+        # with one rank); a rank without one for the others contributes zeros.
+        params = [p for p, n in zip(self._params, summed[2 + len(names) :], strict=True) if n > 0]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.process_group)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        return loss_sum, True
+
     # --- the update -----------------------------------------------------------------
 
     def update(self, batch: RolloutBatch, advantages: Sequence[np.ndarray]) -> dict[str, float]:
@@ -253,12 +345,12 @@ class Learner:
         seqs = flatten_batch(batch, advantages)
         cfg = self.config
         shared = self.shared_prompt
+        budget = cfg.model.micro_batch_tokens
+        # Per optimiser step: the whole mini-batch's rows, and this rank's micro-batches.
         plan = [
-            micros
+            (mini, pack(seqs, shard(seqs, mini, self.rank, self.world_size), budget, shared))
             for _ in range(cfg.optim.epochs)
-            for micros in partition(
-                seqs, cfg.optim.mini_batches, cfg.model.micro_batch_tokens, self.generator, shared
-            )
+            for mini in mini_batch_rows(seqs, cfg.optim.mini_batches, self.generator)
         ]
         first_epoch = plan[: len(plan) // cfg.optim.epochs]
         # old_logp, computed before any optimiser step on this batch. The first
@@ -267,11 +359,16 @@ class Learner:
         # exactly the micro-batches they train on.
         old_logp: dict[int, torch.Tensor] = {}  # row -> [T_i]
         with torch.no_grad():
-            for micros in first_epoch[1:]:
+            for _, micros in first_epoch[1:]:
                 for rows in micros:
-                    lp = self._logprobs(make_micro_batch(seqs, rows, self.pad_id, shared)).cpu()
-                    for i, r in enumerate(rows):
-                        old_logp[r] = lp[i]
+                    self._old_logp_pass(seqs, rows, old_logp)
+            # Data parallel with epochs > 1: a rank can draw rows in a later epoch that
+            # another rank trained on in the first (never so with one rank).
+            own_first = {r for rows in plan[0][1] for r in rows} if plan else set()
+            later = {r for _, micros in plan for rows in micros for r in rows}
+            later -= own_first | old_logp.keys()
+            for rows in pack(seqs, sorted(later), budget, shared):
+                self._old_logp_pass(seqs, rows, old_logp)
         old_seconds = time.perf_counter() - start
 
         pooled = UpdateMetrics()
@@ -279,9 +376,9 @@ class Learner:
         grad_norms: list[float] = []
         skipped = skipped_zero = steps_taken = 0
         tokens_seen = 0
-        for index, micros in enumerate(plan):
+        for index, (mini, micros) in enumerate(plan):
             self.optimizer.zero_grad(set_to_none=True)
-            if not any(bool(seqs.advantages[rows].any()) for rows in micros):
+            if not bool(seqs.advantages[mini].any()):  # the whole mini-batch: every rank agrees
                 # Zero advantage everywhere: the loss and its gradient are 0, and stepping
                 # would still move the weights (Adam momentum, weight decay) on nothing.
                 self._fill_old_logp(seqs, micros, old_logp, steps_taken)
@@ -328,9 +425,11 @@ class Learner:
                 for key in kept:
                     kept[key] += metrics[key]
                 step_calls.append((metrics, terms.ratio, terms.keep, entropy))
+            if self.process_group is not None:
+                loss_sum, finite = self._all_reduce_step(loss_sum, kept, finite)
             grad_norm = float("nan")
             if finite:
-                denominator = self._denominator(seqs, micros, kept)
+                denominator = self._denominator(seqs, mini, kept)
                 for p in self.model.parameters():
                     if p.grad is not None:
                         p.grad.div_(denominator)
@@ -353,6 +452,9 @@ class Learner:
             self.optimizer_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        if self.process_group is not None:
+            pooled.merge_ranks(self.process_group)
+            tokens_seen = int(self._all_reduce_floats([tokens_seen])[0])
         out = pooled.result()
         if losses:  # mean over the optimiser steps of what each step minimised
             out["loss/policy"] = float(np.mean(losses))

@@ -264,19 +264,15 @@ def pack(
     return out[::-1]
 
 
-def partition(
-    seqs: Sequences,
-    mini_batches: int,
-    max_tokens: int,
-    generator: torch.Generator,
-    shared_prompt: bool = False,
-) -> list[list[list[int]]]:
-    """Split the rows into ``mini_batches`` mini-batches, each a list of micro-batches.
+def mini_batch_rows(
+    seqs: Sequences, mini_batches: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Split the rows into ``mini_batches`` mini-batches (lists of rows), empty ones left out.
 
     Groups are shuffled and kept together: mini-batch ``i`` takes the ``i``-th contiguous
     slice of the rows in shuffled-group order, so with ``groups % mini_batches == 0``
-    every mini-batch holds whole groups (their prompt is then shared in the shared-prompt
-    layout), and otherwise a group is split across two neighbouring mini-batches.
+    every mini-batch holds whole groups, and otherwise a group is split across two
+    neighbouring mini-batches. Draws once from ``generator``.
     """
     n_groups = int(seqs.groups.max()) + 1 if len(seqs) else 0
     group_order = torch.randperm(n_groups, generator=generator).tolist()
@@ -287,4 +283,50 @@ def partition(
     minis = [
         chunk.tolist() for chunk in np.array_split(np.array(order, dtype=np.int64), mini_batches)
     ]
-    return [pack(seqs, mini, max_tokens, shared_prompt) for mini in minis if mini]
+    return [mini for mini in minis if mini]
+
+
+def shard(seqs: Sequences, rows: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The rows of one mini-batch that data-parallel rank ``rank`` of ``world_size`` trains on.
+
+    Deterministic (every rank computes every rank's share alike) and contiguous in
+    ``rows``' order; the cut is by whole groups when there are at least ``world_size`` of
+    them (their prompt stays shared in the shared-prompt layout), else by responses. The
+    units are balanced by token positions: unit ``i`` goes to the rank whose equal slice
+    of the total holds the unit's midpoint, so a rank may get nothing (it then still
+    joins every all-reduce, with zero counts). ``world_size == 1`` returns ``rows``.
+    """
+    rows = [int(r) for r in rows]
+    if world_size == 1:
+        return rows
+    units: list[list[int]] = []
+    if len({int(seqs.groups[r]) for r in rows}) >= world_size:
+        for r in rows:  # rows come in group order (mini_batch_rows)
+            if units and int(seqs.groups[units[-1][0]]) == int(seqs.groups[r]):
+                units[-1].append(r)
+            else:
+                units.append([r])
+    else:
+        units = [[r] for r in rows]
+    sizes = np.array(
+        [sum(len(seqs.prompts[r]) + len(seqs.responses[r]) for r in u) for u in units], float
+    )
+    midpoints = np.cumsum(sizes) - sizes / 2
+    owner = np.minimum((midpoints * world_size / max(sizes.sum(), 1.0)).astype(int), world_size - 1)
+    return [r for u, k in zip(units, owner.tolist(), strict=True) if k == rank for r in u]
+
+
+def partition(
+    seqs: Sequences,
+    mini_batches: int,
+    max_tokens: int,
+    generator: torch.Generator,
+    shared_prompt: bool = False,
+) -> list[list[list[int]]]:
+    """Split the rows into ``mini_batches`` mini-batches (:func:`mini_batch_rows`), each a
+    list of micro-batches (:func:`pack`); with ``groups % mini_batches == 0`` a group's
+    prompt is shared in the shared-prompt layout."""
+    return [
+        pack(seqs, mini, max_tokens, shared_prompt)
+        for mini in mini_batch_rows(seqs, mini_batches, generator)
+    ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 COUNTS = frozenset(
     {
@@ -91,6 +92,33 @@ class UpdateMetrics:
             self._ratios.append(ratio.detach()[keep].float().cpu().numpy())
         if entropy is not None:
             self._mean("policy/entropy", entropy[0] / max(entropy[1], 1.0), entropy[1])
+
+    def merge_ranks(self, group: dist.ProcessGroup) -> None:
+        """Pool every data-parallel rank's calls into this accumulator (a collective:
+        every rank of ``group`` calls it, and all end with the same figures).
+
+        Each rank sends at most ``MAX_RATIO_SAMPLES / K`` of its ratios (an even
+        subsample), so the quantiles stay within the one-rank budget.
+        """
+        ratios = np.concatenate(self._ratios) if self._ratios else np.zeros(0, np.float32)
+        world = dist.get_world_size(group)
+        cap = max(1, MAX_RATIO_SAMPLES // world)
+        if ratios.size > cap:
+            ratios = ratios[:: -(-ratios.size // cap)]
+        parts: list = [None] * world
+        state = (self._totals, self._weighted, self._extremes, ratios)
+        dist.all_gather_object(parts, state, group=group)
+        self._totals, self._weighted, self._extremes, self._ratios = {}, {}, {}, []
+        for totals, weighted, extremes, rank_ratios in parts:  # rank order: deterministic
+            for key, value in totals.items():
+                self._totals[key] = self._totals.get(key, 0.0) + value
+            for key, (total, weight) in weighted.items():
+                acc = self._weighted.setdefault(key, [0.0, 0.0])
+                acc[0] += total
+                acc[1] += weight
+            for key, value in extremes.items():
+                self._extreme(key, value)
+            self._ratios.append(rank_ratios)
 
     def result(self) -> dict[str, float]:
         """The pooled metrics."""

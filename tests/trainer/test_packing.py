@@ -98,3 +98,19 @@ def test_block_attention_rejects_segments_that_do_not_fit() -> None:
     gap = Segments(rows=((Block(1, 2, ((3, 6),)),),))
     with pytest.raises(ValueError, match="gap"):
         block_attention(q, q, q, gap)
+
+
+def test_shard_gives_every_row_to_one_rank_by_whole_groups_balanced_by_tokens() -> None:
+    from trainer.packing import mini_batch_rows, shard
+
+    seqs = _seqs(6, 4)
+    for mini in mini_batch_rows(seqs, 2, torch.Generator().manual_seed(0)):
+        assert shard(seqs, mini, 0, 1) == mini  # one rank: the mini-batch itself
+        shares = [shard(seqs, mini, rank, 2) for rank in range(2)]
+        assert sorted(r for s in shares for r in s) == sorted(mini)
+        groups = [{int(seqs.groups[r]) for r in s} for s in shares]
+        assert all(groups) and not groups[0] & groups[1]  # whole groups, both ranks busy
+    # Fewer groups than ranks: split by responses.
+    one_group = [r for r in range(len(seqs)) if int(seqs.groups[r]) == 0]
+    shares = [shard(seqs, one_group, rank, 3) for rank in range(3)]
+    assert sorted(r for s in shares for r in s) == one_group and all(shares)
