@@ -13,16 +13,13 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
-from server.client import RewardClient
+from server.client import AsyncRewardClient, RewardClient
 from server.launch import start_reward_server, stop_process, wait_reward_server
 from server.types import ScoreItem, Status
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _items(n: int, start: int = 0) -> list[ScoreItem]:
@@ -113,3 +110,21 @@ def test_single_address_behaves_as_before(two_servers):
         assert c.stats() == type(c.stats())(requests=1, retries=0, failovers=0)
         assert c.stats().metrics()["reward/client_failovers"] == 0.0
     assert _score_rpcs(metrics_a) == 1
+
+
+def test_async_client_fails_over_too(two_servers):
+    (_, addr_a, _), (proc_b, addr_b, metrics_b) = two_servers
+    with AsyncRewardClient([addr_a, addr_b], batch_size=2, max_in_flight=2, backoff_s=0.05) as c:
+        items = _items(400)
+        results: list = []
+        t = threading.Thread(target=lambda: results.extend(c.score(items, timeout_s=120)))
+        t.start()
+        while _score_rpcs(metrics_b) < 10 and t.is_alive():
+            time.sleep(0.02)
+        assert t.is_alive(), "the call ended before the kill; the test needs more items"
+        os.kill(proc_b.pid, signal.SIGKILL)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        _check(items, results)
+        stats = c.stats()
+        assert stats.failovers > 0 and stats.requests == 200 + stats.failovers
