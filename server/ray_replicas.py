@@ -228,6 +228,11 @@ class RewardReplicas:
         except ray.exceptions.RayActorError as e:
             raise RewardServerError(f"a reward-server replica failed to start: {e}") from None
 
+    @property
+    def placement_group(self) -> PlacementGroup | None:
+        """The replicas' placement group (bundle ``i`` holds replica ``i``); None once closed."""
+        return self._pg
+
     def __len__(self) -> int:
         return len(self._actors)
 

@@ -110,6 +110,34 @@ def test_a_restarted_replica_comes_back_on_its_fixed_port(local_ray):
         replicas.close()
 
 
+@pytest.mark.slow  # two raylets: ~25 s on 2 shared cores
+def test_spread_over_two_simulated_nodes():
+    from ray.cluster_utils import Cluster
+    from ray.util import placement_group_table
+
+    me = psutil.Process()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    seen: set[int] = set()
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        with RewardReplicas(2, strategy="STRICT_SPREAD", grace_s=1) as replicas:
+            seen.update(replicas.server_pids())
+            nodes = placement_group_table(replicas.placement_group)["bundles_to_node_id"]
+            assert len(set(nodes.values())) == 2  # one replica per node
+            with RewardClient(replicas.address, batch_size=2) as client:
+                assert _all_ok(client.score(_items(8), timeout_s=60))
+                replicas.kill(0)
+                assert _all_ok(client.score(_items(8, start=10), timeout_s=60))
+            seen.update(p.pid for p in me.children(recursive=True))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    left = _gone(seen)
+    assert not left, f"left running after the cluster's shutdown: {left}"
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_replicas must be >= 1"):
         RewardReplicas(0)
