@@ -78,9 +78,10 @@ def make_verifier(spec: str | Scorer | None = "local", **kwargs: Any) -> tuple[S
     """Resolve a verifier spec.
 
     Args:
-        spec: ``None`` or ``"local"`` for a ``LocalVerifier``; ``"host:port"`` or
-            ``"grpc://host:port"`` for a ``RewardClient``; or any object with a ``score``
-            method, used as is.
+        spec: ``None`` or ``"local"`` for a ``LocalVerifier``; ``"host:port"``,
+            ``"grpc://host:port"`` or a comma-separated list of reward-server replicas
+            (``"h1:p1,h2:p2"``, load-balanced with failover) for a ``RewardClient``; or any
+            object with a ``score`` method, used as is.
         **kwargs: Passed to the created verifier's constructor.
 
     Returns:
@@ -89,15 +90,18 @@ def make_verifier(spec: str | Scorer | None = "local", **kwargs: Any) -> tuple[S
     if spec is None or spec == "local":
         return LocalVerifier(**kwargs), True
     if isinstance(spec, str):
-        address = spec.removeprefix("grpc://")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
+        from server.addresses import parse_addresses
+
+        try:
+            addresses = parse_addresses(spec)
+        except ValueError as e:
             raise ValueError(
-                f"verifier spec {spec!r} is neither 'local' nor an address like 'localhost:50051'"
-            )
+                f"verifier spec {spec!r} is neither 'local' nor an address like "
+                f"'localhost:50051' or a list like 'h1:50051,h2:50051': {e}"
+            ) from None
         from server.client import RewardClient
 
-        return RewardClient(address, **kwargs), True
+        return RewardClient(addresses, **kwargs), True
     if not callable(getattr(spec, "score", None)):
         raise TypeError(f"verifier {spec!r} has no score(items) method (see server.types.Scorer)")
     return spec, False

@@ -10,6 +10,11 @@ written against an in-process ``WorkerPool`` works unchanged against a remote se
   deadline.
 * Deadlines: ``timeout_s`` bounds the whole ``score`` call; every RPC gets the time that is
   left, and the server caps each item's verification by it.
+* Replicas: ``address`` may list several servers (``"h1:p1,h2:p2"`` or a list); gRPC's own
+  ``round_robin`` balancer spreads the requests over them (``server.addresses``), and a
+  request that fails UNAVAILABLE (its replica died or is draining) is re-sent, which the
+  balancer routes to a live replica. ``client.failovers`` / ``client.stats()`` count the
+  re-sent requests, for the trainer's metrics.
 
 Example:
     >>> with RewardClient("127.0.0.1:50051") as client:          # doctest: +SKIP
@@ -25,6 +30,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -32,12 +38,19 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import convert
+from server.addresses import ROUND_ROBIN, grpc_target, is_ip, parse_addresses, split_host_port
 from server.gen.fipo.v1 import reward_pb2 as pb
 from server.gen.fipo.v1 import reward_pb2_grpc as pb_grpc
 from server.trl_reward import make_trl_reward_func
 from server.types import ScoreItem, ScoreResult
 
-__all__ = ["RewardClient", "AsyncRewardClient", "RewardError", "make_trl_reward_func"]
+__all__ = [
+    "AsyncRewardClient",
+    "ClientStats",
+    "RewardClient",
+    "RewardError",
+    "make_trl_reward_func",
+]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
@@ -51,6 +64,46 @@ class RewardError(RuntimeError):
         self.details = details
 
 
+@dataclass(frozen=True)
+class ClientStats:
+    """What a client has sent since it was created (all ``Score`` RPCs, not streams).
+
+    Attributes:
+        requests: ``Score`` RPCs sent, re-sends included.
+        retries: RPCs re-sent after a retryable code (UNAVAILABLE or RESOURCE_EXHAUSTED).
+        failovers: RPCs re-sent after UNAVAILABLE: the replica that had the request died
+            or was draining; with several addresses the balancer sends it to a live one.
+            A part of ``retries``.
+    """
+
+    requests: int = 0
+    retries: int = 0
+    failovers: int = 0
+
+    def metrics(self, prefix: str = "reward/client_") -> dict[str, float]:
+        """The counters as namespaced metrics (``reward/client_failovers``, ...)."""
+        return {f"{prefix}{k}": float(v) for k, v in vars(self).items()}
+
+
+class _Counters:
+    """Thread-safe ``ClientStats`` counters (one client serves many threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = ClientStats()
+
+    def add(self, *, requests: int = 0, retries: int = 0, failovers: int = 0) -> None:
+        with self._lock:
+            s = self._stats
+            self._stats = ClientStats(
+                s.requests + requests, s.retries + retries, s.failovers + failovers
+            )
+
+    def get(self) -> ClientStats:
+        with self._lock:
+            return self._stats
+
+
 def _read(x: bytes | str | Path | None) -> bytes | None:
     if x is None or isinstance(x, bytes):
         return x
@@ -62,7 +115,7 @@ class _Settings:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         token: str | None = None,
         tls: bool = False,
@@ -79,7 +132,9 @@ class _Settings:
     ) -> None:
         if batch_size < 1 or max_in_flight < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError("batch_size, max_in_flight >= 1, max_retries >= 0, timeout_s > 0")
-        self.address = address
+        self.addresses = parse_addresses(address)
+        self.address = ",".join(self.addresses)
+        self.target = grpc_target(self.addresses)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = tls or root_certificates is not None or client_cert is not None
         self.creds = (
@@ -99,6 +154,26 @@ class _Settings:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if len(self.addresses) > 1:
+            self.options.append(("grpc.service_config", ROUND_ROBIN))
+            host = split_host_port(self.addresses[0])[0]
+            if self.tls and not is_ip(host):
+                # The target holds IPs; check the certificate against the first host name
+                # (replicas share one certificate).
+                self.options.append(("grpc.ssl_target_name_override", host))
+        self.counters = _Counters()
+
+    def unavailable(self, details: str) -> str:
+        """An UNAVAILABLE message that names the addresses tried."""
+        many = len(self.addresses) > 1
+        where = f"any of {', '.join(self.addresses)}" if many else self.address
+        return f"no reward server reachable at {where}: {details}"
+
+    def give_up(self, code: grpc.StatusCode, details: str) -> RewardError:
+        """The error for a request that failed for good."""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = self.unavailable(details)
+        return RewardError(code, details)
 
     def delay(self, attempt: int, err: grpc.RpcError | grpc.aio.AioRpcError) -> float:
         """Back-off before retry ``attempt`` (1-based), at least the server's hint."""
@@ -110,6 +185,31 @@ class _Settings:
                     hint = float(value) / 1e3
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
         return max(hint, base * random.uniform(0.5, 1.0))
+
+    def retry_pause(
+        self, attempt: int, err: grpc.RpcError | grpc.aio.AioRpcError, deadline: float
+    ) -> float:
+        """Back-off before re-sending after ``err``; raises when the request is lost for good.
+
+        Raises:
+            RewardError: ``err`` is not retryable, retries are used up, or the back-off
+                would pass ``deadline``; UNAVAILABLE names the addresses.
+        """
+        code, details = err.code(), err.details() or ""
+        if code not in RETRYABLE or attempt > self.max_retries:
+            raise self.give_up(code, details) from None
+        pause = self.delay(attempt, err)
+        if time.monotonic() + pause >= deadline:
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details = self.unavailable(details)
+            raise RewardError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"gave up retrying {code.name}: {details}"
+            ) from None
+        return pause
+
+    def counted_retry(self, code: grpc.StatusCode) -> None:
+        """Count a re-send after ``code`` (a failover when UNAVAILABLE)."""
+        self.counters.add(retries=1, failovers=int(code == grpc.StatusCode.UNAVAILABLE))
 
     def chunks(self, items: Sequence[ScoreItem]) -> list[Sequence[ScoreItem]]:
         return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
@@ -131,7 +231,10 @@ class RewardClient:
     """Blocking client; implements ``Scorer``.
 
     Args:
-        address: ``host:port`` of the server.
+        address: ``host:port`` of the server, or several replicas (``"h1:p1,h2:p2"`` or
+            a list; see ``server.addresses``): requests are spread over them by gRPC's
+            ``round_robin`` balancer and a request whose replica dies is re-sent to a live
+            one (counted in ``failovers``). Host names of a list are resolved once, here.
         token: Bearer token, if the server requires one.
         tls: Use TLS with the system's root certificates.
         root_certificates: PEM CA (bytes or path) to verify the server (turns TLS on).
@@ -144,16 +247,34 @@ class RewardClient:
         backoff_s: First back-off; doubles per retry, with jitter.
         max_backoff_s: Back-off cap.
         max_message_bytes: Largest message sent or received.
+
+    Raises:
+        ValueError: The address list is empty, an address is malformed or a host name
+            does not resolve (the message names it).
     """
 
-    def __init__(self, address: str, **kwargs) -> None:
+    def __init__(self, address: str | Sequence[str], **kwargs) -> None:
         self._s = _Settings(address, **kwargs)
         s = self._s
         if s.creds is not None:
-            self._channel = grpc.secure_channel(address, s.creds, options=s.options)
+            self._channel = grpc.secure_channel(s.target, s.creds, options=s.options)
         else:
-            self._channel = grpc.insecure_channel(address, options=s.options)
+            self._channel = grpc.insecure_channel(s.target, options=s.options)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The server addresses this client spreads its requests over."""
+        return self._s.addresses
+
+    @property
+    def failovers(self) -> int:
+        """``Score`` requests re-sent after UNAVAILABLE (see ``ClientStats``)."""
+        return self._s.counters.get().failovers
+
+    def stats(self) -> ClientStats:
+        """Requests, retries and failovers so far (``stats().metrics()`` for logging)."""
+        return self._s.counters.get()
 
     def score(
         self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
@@ -175,6 +296,7 @@ class RewardClient:
         return [r for part in out for r in part]  # type: ignore[union-attr]
 
     def _send(self, chunk: Sequence[ScoreItem], deadline: float):
+        self._s.counters.add(requests=1)
         return self._stub.Score.future(
             _request(chunk),
             timeout=max(0.001, deadline - time.monotonic()),
@@ -188,16 +310,9 @@ class RewardClient:
                 return _results(call.result(), len(chunk))
             except grpc.RpcError as e:
                 attempt += 1
-                code = e.code()
-                if code not in RETRYABLE or attempt > self._s.max_retries:
-                    raise RewardError(code, e.details() or "") from None
-                pause = self._s.delay(attempt, e)
-                if time.monotonic() + pause >= deadline:
-                    raise RewardError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"gave up retrying {code.name}: {e.details()}",
-                    ) from None
+                pause = self._s.retry_pause(attempt, e, deadline)
                 time.sleep(pause)
+                self._s.counted_retry(e.code())
                 call = self._send(chunk, deadline)
 
     def score_stream(
@@ -216,7 +331,7 @@ class RewardClient:
             for msg in call:
                 yield convert.result_from_pb(msg)
         except grpc.RpcError as e:
-            raise RewardError(e.code(), e.details() or "") from None
+            raise self._s.give_up(e.code(), e.details() or "") from None
 
     def server_info(self, *, timeout_s: float = 10.0) -> pb.ServerInfo:
         """The server's versions, settings and limits."""
@@ -253,7 +368,7 @@ class AsyncRewardClient:
     ``score`` works from plain threads. Arguments are those of ``RewardClient``.
     """
 
-    def __init__(self, address: str, **kwargs) -> None:
+    def __init__(self, address: str | Sequence[str], **kwargs) -> None:
         self._s = _Settings(address, **kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -268,10 +383,24 @@ class AsyncRewardClient:
     async def _open(self) -> None:
         s = self._s
         if s.creds is not None:
-            self._channel = grpc.aio.secure_channel(s.address, s.creds, options=s.options)
+            self._channel = grpc.aio.secure_channel(s.target, s.creds, options=s.options)
         else:
-            self._channel = grpc.aio.insecure_channel(s.address, options=s.options)
+            self._channel = grpc.aio.insecure_channel(s.target, options=s.options)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The server addresses this client spreads its requests over."""
+        return self._s.addresses
+
+    @property
+    def failovers(self) -> int:
+        """``Score`` requests re-sent after UNAVAILABLE (see ``ClientStats``)."""
+        return self._s.counters.get().failovers
+
+    def stats(self) -> ClientStats:
+        """Requests, retries and failovers so far (``stats().metrics()`` for logging)."""
+        return self._s.counters.get()
 
     async def ascore(
         self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
@@ -300,6 +429,7 @@ class AsyncRewardClient:
         attempt = 0
         while True:
             try:
+                self._s.counters.add(requests=1)
                 resp = await self._stub.Score(
                     _request(chunk),
                     timeout=max(0.001, deadline - time.monotonic()),
@@ -308,14 +438,9 @@ class AsyncRewardClient:
                 return _results(resp, len(chunk))
             except grpc.aio.AioRpcError as e:
                 attempt += 1
-                if e.code() not in RETRYABLE or attempt > self._s.max_retries:
-                    raise RewardError(e.code(), e.details() or "") from None
-                pause = self._s.delay(attempt, e)
-                if time.monotonic() + pause >= deadline:
-                    raise RewardError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, f"gave up retrying {e.code().name}"
-                    ) from None
+                pause = self._s.retry_pause(attempt, e, deadline)
                 await asyncio.sleep(pause)
+                self._s.counted_retry(e.code())
 
     async def astream(
         self, items: Iterable[ScoreItem], *, timeout_s: float | None = None
@@ -336,7 +461,7 @@ class AsyncRewardClient:
                     caller.call_soon_threadsafe(out.put_nowait, convert.result_from_pb(msg))
             except grpc.aio.AioRpcError as e:
                 caller.call_soon_threadsafe(
-                    out.put_nowait, RewardError(e.code(), e.details() or "")
+                    out.put_nowait, self._s.give_up(e.code(), e.details() or "")
                 )
             finally:
                 caller.call_soon_threadsafe(out.put_nowait, end)

@@ -4,7 +4,8 @@ verl's custom reward functions and OpenRLHF's ``reward_func`` file are plain fun
 called many times from several threads; each call must not open a new channel. They share
 the client returned here, configured from arguments or, failing that, the environment:
 
-- ``FIPO_REWARD_ADDRESS``: ``host:port`` of the reward server (default ``127.0.0.1:50051``);
+- ``FIPO_REWARD_ADDRESS``: ``host:port`` of the reward server (default ``127.0.0.1:50051``),
+  or several replicas, ``h1:p1,h2:p2`` (load-balanced, with failover);
 - ``FIPO_REWARD_TOKEN``: bearer token, when the server requires one.
 """
 

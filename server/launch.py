@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # The service's start-up log line carries the bound address (a JSON field).
@@ -46,20 +47,36 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
 
 
 def start_reward_server(
-    workers: int, log_path: Path, timeout_s: float = 180.0
+    workers: int,
+    log_path: Path,
+    timeout_s: float = 180.0,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra_args: Sequence[str] = ("--no-metrics",),
 ) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m server`` on a free port; return ``(process, address)``.
+    """Start ``python -m server`` (on a free port by default); return ``(process, address)``.
 
     The server's output goes to ``log_path`` (appended to: a resumed run keeps its log);
     the child gets SIGTERM when this process dies.
+
+    Args:
+        workers: math-verify worker processes.
+        log_path: File that receives the server's JSON log lines.
+        timeout_s: How long to wait for the server to report its address.
+        host: Address to bind (``--host``); a Ray replica binds its node's IP.
+        port: gRPC port (``--port``); 0 picks a free one.
+        extra_args: More ``python -m server`` flags (the default turns metrics off;
+            ``("--metrics-port", "0")`` serves them on a free port, logged as
+            ``"metrics_port"``).
 
     Raises:
         RewardServerError: It exited or did not report its address within ``timeout_s``.
     """
     offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends
     log = open(log_path, "ab")  # noqa: SIM115 -- owned by the child for its lifetime
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--no-metrics",
-           "--workers", str(workers)]  # fmt: skip
+    cmd = [sys.executable, "-m", "server", "--host", host, "--port", str(port),
+           "--workers", str(workers), *extra_args]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=set_parent_death_signal)  # fmt: skip
     log.close()
@@ -92,12 +109,27 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 def wait_reward_server(address: str, timeout_s: float = 60.0) -> None:
     """Check that ``address`` serves (gRPC health SERVING), retrying with back-off.
 
+    ``address`` may list several replicas (``"h1:p1,h2:p2"``): each must serve, within
+    ``timeout_s`` in all.
+
     Raises:
-        RewardServerError: Still unreachable after ``timeout_s``; says how to fix it.
+        RewardServerError: One is still unreachable after ``timeout_s`` (the message names
+            it and says how to fix it), or the address list is malformed.
     """
+    from server.addresses import parse_addresses
+
+    try:
+        addresses = parse_addresses(address)
+    except ValueError as e:
+        raise RewardServerError(str(e)) from None
+    deadline = time.monotonic() + timeout_s
+    for one in addresses:
+        _wait_one(one, deadline, timeout_s)
+
+
+def _wait_one(address: str, deadline: float, timeout_s: float) -> None:
     from server.client import RewardClient
 
-    deadline = time.monotonic() + timeout_s
     delay, last, attempts = 0.5, "", 0
     while True:
         attempts += 1

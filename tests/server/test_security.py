@@ -86,3 +86,15 @@ def test_config_validation_names_the_field(pki):
         ServerConfig(auth_token="short")
     with pytest.raises(ValueError, match="no such file"):
         ServerConfig(tls_cert=pki["server.pem"], tls_key=pki["server.pem"].with_name("nope"))
+
+
+def test_mtls_over_two_replicas_by_host_name(secure_server, pki):
+    # The list's target holds resolved IPs; the certificate is checked against "localhost".
+    srv, port = create_server(secure_config(pki, TOKEN))
+    try:
+        with _client(f"{secure_server},localhost:{port}", pki, token=TOKEN, batch_size=1) as c:
+            results = c.score([item("\\boxed{2}", "2", id=str(i)) for i in range(4)])
+            assert [r.status for r in results] == [Status.OK] * 4
+            assert c.addresses == (secure_server, f"localhost:{port}")
+    finally:
+        srv.stop(grace=1)
