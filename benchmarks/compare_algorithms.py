@@ -59,7 +59,7 @@ SHARED = [f"task.system_prompt={SYSTEM_PROMPT}", "run.progress=false", "eval.at_
 
 # The CPU sizing: the embedded 135M model, a run of about 15 minutes on 2 cores.
 CPU = [
-    "task.spec=arithmetic:2,3",
+    "task.spec=arithmetic:1,2,3",
     "rollout.max_response_tokens=256",
     "rollout.overlong_buffer=64",
     "rollout.prompts_per_step=8",
@@ -68,7 +68,7 @@ CPU = [
     "eval.every=4",
     "run.checkpoint_every=2",
 ]
-CPU_STEPS = 16
+CPU_STEPS = 12
 
 # (key, title) of the curves figure; each panel one metric, every algorithm a colour.
 CURVES = (
