@@ -29,7 +29,7 @@ from test_engines_support import live_descendants  # noqa: E402
 
 from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
-from trainer.rollout import RolloutWorkerConfig  # noqa: E402
+from trainer.rollout import RolloutWorkerConfig, RolloutWorkerError  # noqa: E402
 from trainer.rollout.ray_source import (  # noqa: E402
     RayRolloutSource,
     split_evenly,
@@ -92,6 +92,15 @@ def test_prompts_are_split_evenly_and_streams_differ(tmp_path):
     assert len({c.seed for c in cfgs}) == 2 and cfgs[0].seed == cfg.seed
     assert [Path(c.log_file).name for c in cfgs] == ["w.0.log", "w.1.log"]
     assert cfgs[1].engine == cfg.engine
+
+
+def test_importing_the_trainer_does_not_import_ray():
+    """``make run`` keeps its start-up time: Ray is imported only for a RayRolloutSource."""
+    import subprocess
+
+    code = "import sys, trainer.run, trainer.rollout; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------- on a Ray cluster
@@ -178,15 +187,19 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
         source.next_batch()
 
 
-def test_killed_worker_mid_step_is_restarted_and_its_prompts_reissued(
+def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
     cluster, tiny_dir, tiny_weights
 ):
     """``ray.kill`` of one actor while ``next_batch`` waits on it: Ray restarts it, it is
-    asked again, the step gets all its groups, and the re-issued count is its share."""
+    asked again, the step gets all its groups, and the re-issued count is its share. An
+    actor killed between steps is reopened the same way; one failure more than
+    ``max_worker_failures`` is a clear error."""
     import ray
 
-    source = RayRolloutSource(worker_config(tiny_dir, max_staleness=0), num_workers=2)
-    before = source.worker_info()
+    source = RayRolloutSource(
+        worker_config(tiny_dir, max_staleness=0), num_workers=2, max_worker_failures=2
+    )
+    seen = before = source.worker_info()
     killed = threading.Event()
 
     def kill_when_asked():
@@ -199,6 +212,7 @@ def test_killed_worker_mid_step_is_restarted_and_its_prompts_reissued(
     killer = threading.Thread(target=kill_when_asked, daemon=True)
     killer.start()
     try:
+        # The first batch waits for the engines to start: the kill lands mid-step.
         batch = source.next_batch(timeout_s=TIMEOUT_S)
         killer.join()
         assert killed.is_set()
@@ -210,18 +224,28 @@ def test_killed_worker_mid_step_is_restarted_and_its_prompts_reissued(
             "rollout/worker_restarts": 1.0,
         }
         after = source.worker_info()
+        seen = seen + after
         assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
         assert_gone(before[1:])  # the dead actor took its worker process along
 
-        # The restarted worker follows the published versions like the other one.
+        # Killed between steps: found dead (or restarted but empty) when asked, reopened
+        # at the newest version; its share is asked again and counted.
         source.publish(tiny_weights, version=1)
+        ray.kill(source.actors[0], no_restart=False)
         batch = source.next_batch(timeout_s=TIMEOUT_S)
-        assert [g.policy_version for g in batch.groups] == [1, 1, 1]
-        assert source.reissued_prompts == 1
+        assert len(batch.groups) == 3 and [g.policy_version for g in batch.groups] == [1, 1, 1]
+        assert source.reissued_prompts == 1 + source.shares[0] == 3
+        assert source.restarts == 2
+        seen = seen + source.worker_info()
+
+        # A third failure is one more than max_worker_failures=2.
+        source.publish(tiny_weights, version=2)
+        ray.kill(source.actors[1], no_restart=False)
+        with pytest.raises(RolloutWorkerError, match="max_worker_failures=2"):
+            source.next_batch(timeout_s=TIMEOUT_S)
     finally:
-        infos = source.worker_info()
         source.close()
-    assert_gone(infos + before)
+    assert_gone(seen)
 
 
 @pytest.mark.slow

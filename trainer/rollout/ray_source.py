@@ -71,6 +71,11 @@ CLOSE_GRACE_S = 60.0
 RESTART_POLL_S = 0.2
 
 
+class WorkerLostError(RolloutWorkerError):
+    """The actor was restarted by Ray (its previous incarnation died while idle) and has
+    not been reopened: the learner side treats it as a death and reopens it."""
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     """``total`` items over ``parts`` as evenly as possible, the larger shares first.
 
@@ -211,7 +216,7 @@ class RolloutActor:
 
     def _src(self) -> ProcessRolloutSource:
         if self.source is None:
-            raise RuntimeError("this rollout actor was (re)started but not opened")
+            raise WorkerLostError("this rollout actor was restarted by Ray and not reopened")
         return self.source
 
 
@@ -406,7 +411,7 @@ class RayRolloutSource:
             i = self._in_flight.pop(done[0])
             try:
                 batch, restarted = ray.get(done[0])
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
                 self._recover(i, exc)  # reopened with the newest weights: ask again
                 self._reissued += self.shares[i]
                 self._in_flight[self._actors[i].next_batch.remote(_left(deadline))] = i
@@ -655,7 +660,7 @@ class RayRolloutSource:
             i = pending.pop(done[0])
             try:
                 results[i] = ray.get(done[0])
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
                 self._recover(i, exc)
                 if again:
                     pending[call(i)] = i
