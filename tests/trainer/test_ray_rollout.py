@@ -30,12 +30,8 @@ from test_engines_support import live_descendants  # noqa: E402
 from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
 from trainer.rollout import RolloutWorkerConfig, RolloutWorkerError  # noqa: E402
-from trainer.rollout.ray_source import (  # noqa: E402
-    RayRolloutSource,
-    split_evenly,
-    worker_configs,
-    worker_seed,
-)
+from trainer.rollout.ray_source import RayRolloutSource  # noqa: E402
+from trainer.rollout.shards import split_evenly, worker_configs, worker_seed  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
 
