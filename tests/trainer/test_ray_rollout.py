@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
 import sys
 import threading
 import time
@@ -159,6 +161,7 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
             (2, 1),
             (2, 1),
         ]
+        assert not source.worker_busy()  # both wait: the learner may take every core
         with pytest.raises(RuntimeError, match="publish"):
             source.next_batch(timeout_s=TIMEOUT_S)
 
@@ -176,6 +179,16 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
         out, version = source.generate([[1, 2, 3]] * 3, 2, SamplingConfig(max_tokens=3))
         assert version == 3 and len(out) == 3 and all(len(g) == 2 for g in out)
         assert source.restarts == 0 and source.metrics()["rollout/reissued_prompts"] == 0
+
+        # A worker process killed inside a live actor while it waits for weights: its
+        # ProcessRolloutSource restarts it (counted); nothing the learner asked for was
+        # lost, so nothing is re-issued.
+        os.kill(infos[1]["worker_pid"], signal.SIGKILL)
+        source.publish(tiny_weights, version=4)
+        batch = source.next_batch(timeout_s=TIMEOUT_S)
+        assert [g.policy_version for g in batch.groups] == [4, 4, 4]
+        assert source.restarts == 1 and source.reissued_prompts == 0
+        infos = infos + source.worker_info()
     finally:
         source.close()
     assert_gone(infos)
@@ -186,10 +199,11 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
 def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
     cluster, tiny_dir, tiny_weights
 ):
-    """``ray.kill`` of one actor while ``next_batch`` waits on it: Ray restarts it, it is
-    asked again, the step gets all its groups, and the re-issued count is its share. An
-    actor killed between steps is reopened the same way; one failure more than
-    ``max_worker_failures`` is a clear error."""
+    """``ray.kill`` of one actor while ``next_batch`` waits on it (and SIGKILL of the
+    other's worker process): Ray restarts the actor, the other actor's source restarts
+    its process, both are asked again, the step gets all its groups, and the re-issued
+    count is their two shares. An actor killed between steps is reopened the same way;
+    one failure more than ``max_worker_failures`` is a clear error."""
     import ray
 
     source = RayRolloutSource(
@@ -203,6 +217,7 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         while not source._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
         ray.kill(source.actors[1], no_restart=False)
+        os.kill(before[0]["worker_pid"], signal.SIGKILL)
         killed.set()
 
     killer = threading.Thread(target=kill_when_asked, daemon=True)
@@ -214,15 +229,17 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         assert killed.is_set()
         assert len(batch.groups) == 3 and source.last_batch_workers == (0, 0, 1)
         assert [g.policy_version for g in batch.groups] == [0, 0, 0]
-        assert source.reissued_prompts == source.shares[1] == 1
+        assert source.shares == (2, 1)
+        assert source.reissued_prompts == 2 + 1
         assert source.metrics() == {
-            "rollout/reissued_prompts": 1.0,
-            "rollout/worker_restarts": 1.0,
+            "rollout/reissued_prompts": 3.0,
+            "rollout/worker_restarts": 2.0,
         }
         after = source.worker_info()
         seen = seen + after
         assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
         assert_gone(before[1:])  # the dead actor took its worker process along
+        assert after[0]["worker_pid"] != before[0]["worker_pid"]
 
         # Killed between steps: found dead (or restarted but empty) when asked, reopened
         # at the newest version; its share is asked again and counted.
@@ -230,8 +247,8 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         ray.kill(source.actors[0], no_restart=False)
         batch = source.next_batch(timeout_s=TIMEOUT_S)
         assert len(batch.groups) == 3 and [g.policy_version for g in batch.groups] == [1, 1, 1]
-        assert source.reissued_prompts == 1 + source.shares[0] == 3
-        assert source.restarts == 2
+        assert source.reissued_prompts == 3 + 2
+        assert source.restarts == 3
         seen = seen + source.worker_info()
 
         # A third failure is one more than max_worker_failures=2.

@@ -67,12 +67,13 @@ class RolloutActor:
         src.wait_ready(timeout_s)
         return src.engine_kind, src.engine_note
 
-    def next_batch(self, timeout_s: float | None) -> tuple[RolloutBatch, int]:
-        """The worker's next batch and how often its process was restarted meanwhile."""
+    def next_batch(self, timeout_s: float | None) -> tuple[RolloutBatch, int, int]:
+        """The worker's next batch, how often its process was restarted meanwhile (the
+        batch was made again), and how often since ``open``."""
         src = self._src()
         before = src.restarts
         batch = src.next_batch(timeout_s)
-        return batch, src.restarts - before
+        return batch, src.restarts - before, src.restarts
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self._src().publish(state_dict, version)

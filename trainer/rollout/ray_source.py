@@ -135,6 +135,7 @@ class RayRolloutSource:
         self._closed = False
         self._failures = 0  # actor deaths
         self._worker_restarts = 0  # worker processes restarted inside live actors
+        self._seen_restarts = [0] * num_workers  # of each actor's current source
         self._reissued = 0
         self._incarnations = [0] * num_workers
         self._kinds = [""] * num_workers
@@ -262,12 +263,15 @@ class RayRolloutSource:
             setting="rollout.batch_timeout_s",
             on_lost=lost,
         )
-        for i, (_, restarted) in enumerate(replies):
-            if restarted:  # its worker process died and was restarted inside the actor
-                self._worker_restarts += restarted
+        for i, (_, during, total) in enumerate(replies):
+            # Worker processes restarted by the actor's own ProcessRolloutSource; one that
+            # died during this call made this batch again.
+            self._worker_restarts += total - self._seen_restarts[i]
+            self._seen_restarts[i] = total
+            if during:
                 self._reissued += self.shares[i]
         self._received += 1
-        batches = [batch for batch, _ in replies]
+        batches = [batch for batch, _, _ in replies]
         self.last_batch_workers = tuple(i for i, b in enumerate(batches) for _ in b.groups)
         return merge_batches(batches)
 
@@ -461,6 +465,7 @@ class RayRolloutSource:
                     f"(max_worker_failures={self.max_worker_failures}). Last: {exc}"
                 )
             self._incarnations[i] += 1
+            self._seen_restarts[i] = 0  # a new ProcessRolloutSource
             deadline = time.monotonic() + timeout
             while True:
                 try:
