@@ -90,6 +90,8 @@ def test_prompts_are_split_evenly_and_streams_differ(tmp_path):
     assert len({c.seed for c in cfgs}) == 2 and cfgs[0].seed == cfg.seed
     assert [Path(c.log_file).name for c in cfgs] == ["w.0.log", "w.1.log"]
     assert cfgs[1].engine == cfg.engine
+    with pytest.raises(ValueError, match=r"num_workers \(6\).*prompts_per_step \(5\)"):
+        worker_configs(cfg, 6)
 
 
 def test_importing_the_trainer_does_not_import_ray():

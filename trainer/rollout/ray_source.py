@@ -94,6 +94,10 @@ class RayRolloutSource:
             session is shut down by ``close()``. An already initialised Ray is used as is
             and left running.
 
+    Attributes:
+        shares: Groups each worker makes per step (``rollout.prompts_per_step`` split).
+        last_batch_workers: The worker that made each group of the last batch.
+
     Raises:
         ValueError: Invalid settings.
         RolloutWorkerError: The cluster cannot place the workers in
@@ -116,7 +120,8 @@ class RayRolloutSource:
     ) -> None:
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(
-                f"RayRolloutSource strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD (got {strategy!r})"
+                "RayRolloutSource strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD "
+                f"(got {strategy!r})"
             )
         if cpus_per_worker < 0 or gpus_per_worker < 0:
             raise ValueError("RayRolloutSource cpus_per_worker and gpus_per_worker must be >= 0")

@@ -48,6 +48,11 @@ def worker_configs(cfg: RolloutWorkerConfig, num_workers: int) -> list[RolloutWo
     """Each worker's settings: its share of ``prompts_per_step`` (and of
     ``prompts_per_round`` when set), its own problem stream and log file; the rest
     (engine, staleness, timeouts) is ``cfg``'s."""
+    if not 1 <= num_workers <= cfg.rollout.prompts_per_step:
+        raise ValueError(
+            f"num_workers ({num_workers}) must be in 1..rollout.prompts_per_step "
+            f"({cfg.rollout.prompts_per_step}): every worker makes at least one group a step"
+        )
     shares = split_evenly(cfg.rollout.prompts_per_step, num_workers)
     rounds = (
         split_evenly(max(cfg.prompts_per_round, num_workers), num_workers)
