@@ -66,6 +66,17 @@ def rollout_processes(infos) -> list[psutil.Process]:
     return alive
 
 
+def kill_actor(source: RayRolloutSource, i: int) -> None:
+    """``ray.kill`` actor ``i`` (Ray restarts it) and wait until its process is gone, so
+    that the next call cannot reach the old incarnation."""
+    import ray
+
+    pid = source.worker_info()[i]["pid"]
+    ray.kill(source.actors[i], no_restart=False)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=60)
+
+
 def assert_gone(infos) -> None:
     _, alive = psutil.wait_procs(rollout_processes(infos), timeout=30)
     assert alive == [], f"left behind: {alive}"
@@ -108,23 +119,25 @@ def test_importing_the_trainer_does_not_import_ray():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two simulated nodes (one CPU each); Ray is shut down and checked at the end."""
+    """Two simulated nodes (one CPU each). At the end Ray is shut down, and every process
+    started meanwhile (Ray's, the actors', their workers' and engines') must be gone."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    earlier = {p.pid for p in live_descendants()}  # e.g. other modules' servers
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
     try:
+        c.add_node(num_cpus=1)
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
         yield c
     finally:
+        ours = [p for p in live_descendants() if p.pid not in earlier]
         ray.shutdown()
         c.shutdown()
-        deadline = time.monotonic() + 30
-        while live_descendants() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [(p.pid, " ".join(p.cmdline())[:80]) for p in live_descendants()]
+        _, alive = psutil.wait_procs(ours, timeout=30)
+        alive += [p for p in live_descendants() if p.pid not in earlier and p not in alive]
+        left = [(p.pid, p.name()) for p in alive if p.is_running()]
         assert left == [], f"Ray left processes behind: {left}"
 
 
@@ -246,7 +259,7 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         # Killed between steps: found dead (or restarted but empty) when asked, reopened
         # at the newest version; its share is asked again and counted.
         source.publish(tiny_weights, version=1)
-        ray.kill(source.actors[0], no_restart=False)
+        kill_actor(source, 0)
         batch = source.next_batch(timeout_s=TIMEOUT_S)
         assert len(batch.groups) == 3 and [g.policy_version for g in batch.groups] == [1, 1, 1]
         assert source.reissued_prompts == 3 + 2
@@ -255,7 +268,7 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
 
         # A third failure is one more than max_worker_failures=2.
         source.publish(tiny_weights, version=2)
-        ray.kill(source.actors[1], no_restart=False)
+        kill_actor(source, 1)
         with pytest.raises(RolloutWorkerError, match="max_worker_failures=2"):
             source.next_batch(timeout_s=TIMEOUT_S)
     finally:

@@ -356,11 +356,11 @@ class RayRolloutSource:
         }
 
     def worker_busy(self) -> bool:
-        """Whether any worker is generating; ``True`` when one does not answer at once
+        """Whether any worker is generating; ``True`` when one does not answer within 5 s
         (the learner then leaves the rollout side its cores)."""
         ray = _ray()
         try:
-            return any(ray.get([a.worker_busy.remote() for a in self._actors], timeout=1.0))
+            return any(ray.get([a.worker_busy.remote() for a in self._actors], timeout=5.0))
         except Exception:
             return True
 
