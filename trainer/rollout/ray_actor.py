@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -95,8 +96,13 @@ class RolloutActor:
         return self._src().worker_busy()
 
     def close(self) -> None:
+        """Stop the worker, then drop the source: collecting its queues unlinks their
+        named semaphores in ``/dev/shm``, which would outlive the actor, since Ray then
+        kills it without running exit handlers."""
         if self.source is not None:
             self.source.close()
+            self.source = None
+            gc.collect()
 
     def _src(self) -> ProcessRolloutSource:
         if self.source is None:
