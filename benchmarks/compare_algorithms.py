@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -431,7 +432,7 @@ def sample_lines(runs: dict[str, list[dict[str, Any]]], chars: int = 500) -> lis
                 continue
             step = chosen[len(chosen) // 2]
             group = run["rollouts"][step][0]
-            text = group["sample"].strip().replace("\n", " ⏎ ")
+            text = re.sub(r"<\|[a-z_]+\|>", "", group["sample"]).strip().replace("\n", " ⏎ ")
             text = text if len(text) <= chars else text[:chars] + " …"
             verdict = "correct" if group["correct"][0] else "wrong"
             out.append(f"- **{alg}** (seed {run['seed']}), {phase}, step {step}: "
@@ -463,7 +464,7 @@ def report(args: argparse.Namespace) -> Path:
         "<!-- compare:begin (written by benchmarks/compare_algorithms.py; edit the prose "
         "outside these markers) -->",
         f"Command: `python benchmarks/compare_algorithms.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Machine: {describe_machine()}; 1-minute load while the runs ran: "
+        f"Report drawn on this {describe_machine()}; 1-minute load while the runs ran: "
         + (
             f"median {sorted(loads)[len(loads) // 2]:.1f}, max {max(loads):.1f}" if loads else "n/a"
         ),
