@@ -9,6 +9,8 @@
 - ``worker``: the worker process itself (engine start, control messages, batch loop).
 - ``source``: ``ProcessRolloutSource``, the learner's side of the worker process (its
   ``RolloutSource`` and ``WeightPublisher``).
+- ``ray_source``: ``RayRolloutSource``, the same interface over N Ray actors, each owning
+  one ``ProcessRolloutSource`` (Ray is imported only when one is built).
 
 The engines it drives (vLLM, HF ``generate``) and the weight files live in
 ``trainer.engines``.
@@ -16,10 +18,12 @@ The engines it drives (vLLM, HF ``generate``) and the weight files live in
 
 from trainer.rollout.config import RolloutWorkerConfig, WorkerStart, rollout_worker_config
 from trainer.rollout.groups import build_groups, informative_mask, keep_informative
+from trainer.rollout.ray_source import RayRolloutSource
 from trainer.rollout.source import ProcessRolloutSource, RolloutTimeoutError, RolloutWorkerError
 
 __all__ = [
     "ProcessRolloutSource",
+    "RayRolloutSource",
     "RolloutTimeoutError",
     "RolloutWorkerConfig",
     "RolloutWorkerError",

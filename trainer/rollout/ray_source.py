@@ -1,0 +1,680 @@
+"""``RayRolloutSource``: N rollout workers as Ray actors, one learner-side interface.
+
+The same ``RolloutSource`` / ``WeightPublisher`` as ``ProcessRolloutSource`` (and the same
+extras: ``wait_ready``, ``generate``, ``worker_state``, ``worker_busy``, ``version``,
+``restarts``, ``engine_kind``, ``engine_note``, ``close``), so the driver uses either.
+Ray only decides who starts the workers and where; each actor owns one unchanged
+``ProcessRolloutSource``, so the engine / env / verifier worker code is today's::
+
+    learner (driver)                 Ray actor i (placement-group bundle i)
+    ----------------                 --------------------------------------
+    next_batch()   -- remote call -> ProcessRolloutSource.next_batch()   (share_i groups)
+    publish(sd, v) -- ray.put once -> ProcessRolloutSource.publish(sd, v) (/dev/shm of its node)
+
+- **Batches.** ``rollout.prompts_per_step`` is split as evenly as possible over the
+  workers (:func:`split_evenly`); worker ``i`` draws its own problem stream
+  (:func:`worker_seed`: worker 0 keeps ``cfg.seed``, so one worker draws what
+  ``ProcessRolloutSource`` draws). ``next_batch`` asks every worker for its share and
+  returns the union, in worker order, each group keeping the policy version that made
+  it (``last_batch_workers`` says which worker made which group).
+- **Staleness.** Every worker runs with the same ``max_staleness`` and counts batches
+  exactly as the learner does, so the bound holds per worker.
+- **Weights.** ``publish`` puts the state dict into Ray's object store once (CPU, in the
+  engine's dtype); every actor reads it (shared memory on its own node, a transfer
+  across nodes) and hands it to its source's ``publish``, which writes its node's
+  ``/dev/shm`` file and has the engine load it. ``publish`` returns once every engine
+  serves the new version.
+- **Faults.** Actors are created with ``max_restarts``: when one dies (its process killed,
+  its node lost) Ray restarts it in the same bundle and the source reopens it with the
+  newest weights and version, then asks it again for the share it was making. Every
+  share asked again is counted (``reissued_prompts``, ``metrics()``); a worker process
+  that its actor's own ``ProcessRolloutSource`` restarted counts the same way. After
+  ``max_worker_failures`` failures in all, ``RolloutWorkerError``.
+
+Ray is imported only when a ``RayRolloutSource`` is built: ``import trainer`` and
+``make run`` never start or need it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from trainer.engines.base import SamplingConfig
+from trainer.rollout.config import RolloutWorkerConfig
+from trainer.rollout.source import (
+    ProcessRolloutSource,
+    RolloutTimeoutError,
+    RolloutWorkerError,
+    request_timeout,
+)
+from trainer.types import Generation, RolloutBatch
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+#: How long ``close`` lets an actor stop its worker before Ray kills it.
+CLOSE_GRACE_S = 60.0
+#: How often a restarting actor is asked again whether it is back.
+RESTART_POLL_S = 0.2
+
+
+class WorkerLostError(RolloutWorkerError):
+    """The actor was restarted by Ray (its previous incarnation died while idle) and has
+    not been reopened: the learner side treats it as a death and reopens it."""
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` items over ``parts`` as evenly as possible, the larger shares first.
+
+    >>> split_evenly(8, 3)
+    [3, 3, 2]
+    """
+    if parts < 1 or total < parts:
+        raise ValueError(
+            f"cannot split {total} item(s) over {parts} worker(s): need 1 <= {parts} <= {total}"
+        )
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def worker_seed(seed: int, index: int, incarnation: int = 0) -> int:
+    """Problem-stream seed of worker ``index`` (its ``incarnation``-th reopening).
+
+    Worker 0's first incarnation keeps ``seed`` (one Ray worker draws what a
+    ``ProcessRolloutSource`` draws); every other (worker, incarnation) gets its own
+    stream, derived with ``numpy.random.SeedSequence``.
+    """
+    if index == 0 and incarnation == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), index, incarnation]).generate_state(1)[0])
+
+
+def worker_configs(cfg: RolloutWorkerConfig, num_workers: int) -> list[RolloutWorkerConfig]:
+    """Each worker's settings: its share of ``prompts_per_step`` (and of
+    ``prompts_per_round`` when set), its own problem stream and log file; the rest
+    (engine, staleness, timeouts) is ``cfg``'s."""
+    shares = split_evenly(cfg.rollout.prompts_per_step, num_workers)
+    rounds = (
+        split_evenly(max(cfg.prompts_per_round, num_workers), num_workers)
+        if cfg.prompts_per_round
+        else [0] * num_workers
+    )
+    out = []
+    for i, (share, per_round) in enumerate(zip(shares, rounds, strict=True)):
+        log = Path(cfg.log_file)
+        out.append(
+            replace(
+                cfg,
+                rollout=replace(cfg.rollout, prompts_per_step=share),
+                prompts_per_round=per_round,
+                seed=worker_seed(cfg.seed, i),
+                log_file=str(log.with_name(f"{log.stem}.{i}{log.suffix}")) if cfg.log_file else "",
+            )
+        )
+    return out
+
+
+def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+    """The union of the workers' batches (groups in worker order, versions kept).
+
+    ``gen_seconds`` is the slowest worker's: they generate side by side.
+    """
+    return RolloutBatch(
+        groups=tuple(g for b in batches for g in b.groups),
+        num_generated_groups=sum(b.num_generated_groups for b in batches),
+        gen_seconds=max(b.gen_seconds for b in batches),
+        gen_tokens=sum(b.gen_tokens for b in batches),
+    )
+
+
+class RolloutActor:
+    """What runs inside one Ray actor: a ``ProcessRolloutSource`` and its worker process.
+
+    Built empty (Ray re-runs ``__init__`` when it restarts a dead actor, with the
+    arguments of the first start, which would be stale); ``open`` starts the worker with
+    the learner's current version and weights. The learner side calls one method at a
+    time (the actor runs them in order).
+    """
+
+    def __init__(self) -> None:
+        self.source: ProcessRolloutSource | None = None
+
+    def open(
+        self,
+        cfg: RolloutWorkerConfig,
+        version: int,
+        weights: Mapping[str, torch.Tensor] | None,
+        autostart: bool,
+    ) -> dict[str, Any]:
+        """Start the worker process (not waiting for its engine); return ``info()``."""
+        if self.source is not None:
+            self.source.close()
+        self.source = ProcessRolloutSource(
+            cfg, initial_version=version, initial_weights=weights, autostart=autostart
+        )
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        """``{"pid", "worker_pid", "node_id", "restarts"}`` of this actor."""
+        import ray
+
+        src = self._src()
+        return {
+            "pid": os.getpid(),
+            "worker_pid": src.worker_pid,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "restarts": src.restarts,
+        }
+
+    def wait_ready(self, timeout_s: float | None) -> tuple[str, str]:
+        src = self._src()
+        src.wait_ready(timeout_s)
+        return src.engine_kind, src.engine_note
+
+    def next_batch(self, timeout_s: float | None) -> tuple[RolloutBatch, int]:
+        """The worker's next batch and how often its process was restarted meanwhile."""
+        src = self._src()
+        before = src.restarts
+        batch = src.next_batch(timeout_s)
+        return batch, src.restarts - before
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        self._src().publish(state_dict, version)
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        timeout_s: float | None,
+        phase: str,
+    ) -> tuple[list[list[Generation]], int]:
+        return self._src().generate(prompt_token_ids, n, sampling, timeout_s, phase)
+
+    def worker_state(self, timeout_s: float | None) -> dict[str, Any]:
+        return self._src().worker_state(timeout_s)
+
+    def worker_busy(self) -> bool:
+        return self._src().worker_busy()
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+    def _src(self) -> ProcessRolloutSource:
+        if self.source is None:
+            raise WorkerLostError("this rollout actor was restarted by Ray and not reopened")
+        return self.source
+
+
+class RayRolloutSource:
+    """N rollout workers as Ray actors behind the ``ProcessRolloutSource`` interface.
+
+    Args:
+        cfg: The workers' settings as for one ``ProcessRolloutSource``; each worker gets
+            ``worker_configs(cfg, num_workers)[i]`` (its share of ``prompts_per_step``,
+            its own problem stream; with ``log_file`` set, worker ``i`` writes
+            ``<stem>.<i><suffix>`` on the node it runs on).
+        num_workers: Rollout actors (``1 <= num_workers <= rollout.prompts_per_step``).
+        cpus_per_worker: Ray CPUs each actor (and its worker process) reserves.
+        gpus_per_worker: Ray GPUs each actor reserves (Ray sets ``CUDA_VISIBLE_DEVICES``,
+            which the worker process inherits).
+        strategy: Placement-group strategy of the N bundles: ``PACK`` (as few nodes as
+            possible), ``SPREAD`` (across nodes), or their ``STRICT_`` forms.
+        max_worker_failures: Actor deaths (all workers together) survived before
+            ``RolloutWorkerError``; also each actor's Ray ``max_restarts``. Default
+            ``cfg.max_restarts``.
+        initial_version: The learner's policy version now (as for ``ProcessRolloutSource``).
+        initial_weights: State dict to serve instead of the model directory's.
+        autostart: Produce batches at once, or from the first ``next_batch``.
+        address: Only when Ray is not initialised yet: ``None`` starts a local Ray
+            instance, ``"auto"`` or ``"host:port"`` joins a running cluster; that Ray
+            session is shut down by ``close()``. An already initialised Ray is used as is
+            and left running.
+
+    Raises:
+        ValueError: Invalid settings.
+        RolloutWorkerError: The cluster cannot place the workers in
+            ``cfg.rollout.start_timeout_s`` (the message lists what it has).
+    """
+
+    def __init__(
+        self,
+        cfg: RolloutWorkerConfig,
+        *,
+        num_workers: int = 2,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
+        strategy: PlacementStrategy = "PACK",
+        max_worker_failures: int | None = None,
+        initial_version: int = 0,
+        initial_weights: Mapping[str, torch.Tensor] | None = None,
+        autostart: bool = True,
+        address: str | None = None,
+    ) -> None:
+        if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"RayRolloutSource strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD (got {strategy!r})"
+            )
+        if cpus_per_worker < 0 or gpus_per_worker < 0:
+            raise ValueError("RayRolloutSource cpus_per_worker and gpus_per_worker must be >= 0")
+        self.cfg = cfg
+        self._cfgs = worker_configs(cfg, num_workers)  # raises on a bad num_workers
+        self.shares = tuple(c.rollout.prompts_per_step for c in self._cfgs)
+        self.max_worker_failures = (
+            cfg.max_restarts if max_worker_failures is None else max_worker_failures
+        )
+        if self.max_worker_failures < 0:
+            raise ValueError("RayRolloutSource max_worker_failures must be >= 0")
+        self._base_version = int(initial_version)
+        self._version = int(initial_version)
+        self._received = 0
+        self._started = autostart
+        self._closed = False
+        self._failures = 0  # actor deaths
+        self._worker_restarts = 0  # worker processes restarted inside live actors
+        self._reissued = 0
+        self._incarnations = [0] * num_workers
+        self._kinds = [""] * num_workers
+        self._notes = [""] * num_workers
+        self.last_batch_workers: tuple[int, ...] = ()  # worker index of each group
+        self._actors: list[ActorHandle] = []
+        self._in_flight: dict[Any, int] = {}  # next_batch calls in flight -> worker index
+        self._pg: PlacementGroup | None = None
+
+        ray = _ray()
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=address, include_dashboard=False)
+        atexit.register(self.close)
+        try:
+            self._weights_ref = None if initial_weights is None else self._put(initial_weights)
+            self._place(num_workers, cpus_per_worker, gpus_per_worker, strategy)
+            ray.get([self._open(i) for i in range(num_workers)])
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def version(self) -> int:
+        """The newest policy version the rollout side serves."""
+        return self._version
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._actors)
+
+    @property
+    def actors(self) -> tuple[ActorHandle, ...]:
+        """The Ray actor handles (worker ``i`` is ``actors[i]``), e.g. for ``ray.kill``."""
+        return tuple(self._actors)
+
+    @property
+    def restarts(self) -> int:
+        """Worker restarts after a failure: actor deaths plus worker processes that an
+        actor's ``ProcessRolloutSource`` restarted."""
+        return self._failures + self._worker_restarts
+
+    @property
+    def reissued_prompts(self) -> int:
+        """Prompts asked again because their worker died before delivering them."""
+        return self._reissued
+
+    def metrics(self) -> dict[str, float]:
+        """Run totals for the learner's log: ``rollout/reissued_prompts`` (nothing is lost
+        silently: every prompt asked again is counted) and ``rollout/worker_restarts``."""
+        return {
+            "rollout/reissued_prompts": float(self._reissued),
+            "rollout/worker_restarts": float(self.restarts),
+        }
+
+    @property
+    def engine_kind(self) -> str:
+        """``"vllm"`` or ``"hf"`` once ready; ``"vllm,hf"`` when workers differ."""
+        return ",".join(dict.fromkeys(k for k in self._kinds if k))
+
+    @property
+    def engine_note(self) -> str:
+        """Empty, or why worker(s) fell back to HF ``generate``."""
+        return " ".join(f"worker {i}: {n}" for i, n in enumerate(self._notes) if n)
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Each actor's ``{"pid", "worker_pid", "node_id", "restarts"}``."""
+        return self._gather("info")
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every worker's engine has started.
+
+        Raises:
+            RolloutWorkerError: A worker could not start.
+            RolloutTimeoutError: Not all started in ``timeout_s`` (default
+                ``cfg.rollout.start_timeout_s``).
+        """
+        timeout_s = timeout_s or self.cfg.rollout.start_timeout_s
+        for i, (kind, note) in enumerate(self._gather("wait_ready", timeout_s, timeout_s)):
+            self._kinds[i], self._notes[i] = kind, note
+
+    def next_batch(self, timeout_s: float | None = None) -> RolloutBatch:
+        """The next batch: every worker's share, their union (versions kept).
+
+        A worker that dies meanwhile is reopened and asked again for its share (counted in
+        ``reissued_prompts``); the step still gets all ``prompts_per_step`` groups.
+
+        Raises:
+            RolloutTimeoutError: Not every share arrived within ``timeout_s``.
+            RolloutWorkerError: A worker failed for good, or ``max_worker_failures``.
+            RuntimeError: Called again without ``publish`` when the staleness bound makes
+                the batch impossible.
+        """
+        ray = _ray()
+        self._check_open()
+        allowed = self._version - self._base_version + self.cfg.rollout.max_staleness
+        if self._received > allowed:
+            raise RuntimeError(
+                f"next_batch() for batch {self._received} needs policy version >= "
+                f"{self._base_version + self._received - self.cfg.rollout.max_staleness}, but the "
+                f"newest published is {self._version} (max_staleness="
+                f"{self.cfg.rollout.max_staleness}): call publish() after each training step"
+            )
+        self._started = True
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._in_flight = {
+            self._actors[i].next_batch.remote(timeout_s): i for i in range(self.num_workers)
+        }
+        batches: dict[int, RolloutBatch] = {}
+        while self._in_flight:
+            left = _left(deadline)
+            done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=left)
+            if not done:
+                waiting = sorted(self._in_flight.values())
+                self._in_flight = {}
+                raise RolloutTimeoutError(
+                    f"rollout worker(s) {waiting} did not deliver rollout batch {self._received} "
+                    f"within {timeout_s:.0f} s. On a slow or busy machine raise "
+                    "rollout.batch_timeout_s; the workers' logs may say more."
+                )
+            i = self._in_flight.pop(done[0])
+            try:
+                batch, restarted = ray.get(done[0])
+            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
+                self._recover(i, exc)  # reopened with the newest weights: ask again
+                self._reissued += self.shares[i]
+                self._in_flight[self._actors[i].next_batch.remote(_left(deadline))] = i
+                continue
+            if restarted:  # its worker process died and was restarted inside the actor
+                self._worker_restarts += restarted
+                self._reissued += self.shares[i]
+            batches[i] = batch
+        self._received += 1
+        ordered = [batches[i] for i in range(self.num_workers)]
+        self.last_batch_workers = tuple(i for i, b in enumerate(ordered) for _ in b.groups)
+        return merge_batches(ordered)
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Make ``state_dict`` (HF names) policy ``version`` of every worker's engine.
+
+        One ``ray.put`` (CPU tensors, in the engine's dtype when it is explicit); returns
+        once every engine serves it. A worker that dies meanwhile is reopened with it.
+
+        Raises:
+            ValueError: ``version`` is not newer than the current one.
+            RolloutTimeoutError: Not every worker loaded it in ``rollout.request_timeout_s``.
+            RolloutWorkerError: A worker failed for good, or ``max_worker_failures``.
+        """
+        self._check_open()
+        if int(version) <= self._version:
+            raise ValueError(
+                f"publish(version={version}): versions must increase (current {self._version})"
+            )
+        ref = self._put(state_dict)
+        # Set before the calls: a worker reopened meanwhile starts from these weights.
+        self._weights_ref, self._version = ref, int(version)
+        # A worker reopened meanwhile already serves it: it is not asked again.
+        self._gather("publish", self.cfg.rollout.request_timeout_s, ref, self._version, again=False)
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        timeout_s: float | None = None,
+        phase: str = "generate request",
+    ) -> tuple[list[list[Generation]], int]:
+        """Sample with the workers' engines (eval, probes); the prompts are split over the
+        workers as evenly as possible and the answers returned in prompt order.
+
+        Returns:
+            ``(generations, version)`` as ``ProcessRolloutSource.generate``; every worker
+            serves the same version (``publish`` is synchronous).
+        """
+        self._check_open()
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        if not prompts:
+            return [], self._version
+        parts = split_evenly(len(prompts), min(self.num_workers, len(prompts)))
+        starts = np.cumsum([0, *parts]).tolist()
+        chunks = {i: prompts[starts[i] : starts[i + 1]] for i in range(len(parts))}
+        if timeout_s is None:
+            timeout_s = request_timeout(self.cfg, max(parts), n, sampling.max_tokens)
+        replies = self._gather(
+            "generate", timeout_s, chunks, n, sampling, timeout_s, phase, workers=list(chunks)
+        )
+        out = [g for gens, _ in replies for g in gens]
+        return out, min(v for _, v in replies)
+
+    def worker_state(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """What the workers are doing, as ``ProcessRolloutSource.worker_state`` for all of
+        them (``version`` and ``next_batch``: the lowest; ``waiting_for_version``: the
+        highest; ``started``: all), plus ``workers``: each worker's own answer."""
+        timeout_s = timeout_s or self.cfg.rollout.request_timeout_s
+        states = self._gather("worker_state", timeout_s, timeout_s)
+        return {
+            "version": min(s["version"] for s in states),
+            "next_batch": min(s["next_batch"] for s in states),
+            "waiting_for_version": max(s["waiting_for_version"] for s in states),
+            "started": all(s["started"] for s in states),
+            "workers": states,
+        }
+
+    def worker_busy(self) -> bool:
+        """Whether any worker is generating; ``True`` when one does not answer at once
+        (the learner then leaves the rollout side its cores)."""
+        ray = _ray()
+        try:
+            return any(ray.get([a.worker_busy.remote() for a in self._actors], timeout=5.0))
+        except Exception:
+            return True
+
+    def close(self) -> None:
+        """Stop every worker (and the processes it started), kill the actors, remove the
+        placement group, and shut Ray down if this source started it."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        ray = _ray()
+        if not ray.is_initialized():
+            return
+        refs = [a.close.remote() for a in self._actors]
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=CLOSE_GRACE_S)
+        for actor in self._actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(self._pg)
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> RayRolloutSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("RayRolloutSource is closed")
+
+    def _put(self, state_dict: Mapping[str, torch.Tensor]):
+        """One object-store copy of the weights, on CPU, in the engine's dtype if explicit."""
+        ray = _ray()
+        dtype = self.cfg.engine.dtype
+        target = getattr(torch, dtype) if dtype != "auto" else None
+        cpu = {}
+        for name, t in state_dict.items():
+            t = t.detach()
+            if target is not None and t.is_floating_point():
+                t = t.to(dtype=target)
+            cpu[name] = t.to("cpu")
+        return ray.put(cpu)
+
+    def _place(self, n: int, cpus: float, gpus: float, strategy: str) -> None:
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self._pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+        timeout = self.cfg.rollout.start_timeout_s
+        ready, _ = ray.wait([self._pg.ready()], timeout=timeout)
+        if not ready:
+            raise RolloutWorkerError(
+                f"Ray could not place {n} rollout worker(s) of {bundle} ({strategy}) within "
+                f"{timeout:.0f} s; the cluster has {ray.cluster_resources()} in all and "
+                f"{ray.available_resources()} free. Lower the workers or their CPUs/GPUs."
+            )
+        actor_cls = ray.remote(RolloutActor)
+        for i in range(n):
+            self._actors.append(
+                actor_cls.options(
+                    num_cpus=cpus,
+                    num_gpus=gpus,
+                    max_restarts=self.max_worker_failures,
+                    max_task_retries=0,  # a dead actor's calls fail; _recover re-asks
+                    name=None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self._pg, placement_group_bundle_index=i
+                    ),
+                ).remote()
+            )
+
+    def _open(self, i: int):
+        cfg = self._cfgs[i]
+        if self._incarnations[i]:
+            cfg = replace(cfg, seed=worker_seed(self.cfg.seed, i, self._incarnations[i]))
+        return self._actors[i].open.remote(cfg, self._version, self._weights_ref, self._started)
+
+    def _recover(self, i: int, exc: BaseException) -> None:
+        """Reopen worker ``i`` after its actor died. Ray restarts the actor in its bundle;
+        until it is back, calls fail as "unavailable" and are retried. The new worker
+        serves the newest version from its start.
+
+        Raises:
+            RolloutWorkerError: More than ``max_worker_failures`` failures (or Ray gave
+                the actor up).
+            RolloutTimeoutError: The actor was not back within ``rollout.start_timeout_s``.
+        """
+        ray = _ray()
+        timeout = self.cfg.rollout.start_timeout_s
+        while True:
+            self._failures += 1
+            if self._failures > self.max_worker_failures:
+                self.close()
+                raise RolloutWorkerError(
+                    f"rollout worker {i} died; {self._failures} worker failures in all "
+                    f"(max_worker_failures={self.max_worker_failures}). Last: {exc}"
+                )
+            self._incarnations[i] += 1
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    ray.get(self._open(i), timeout=_left(deadline))
+                    return
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() < deadline:
+                        time.sleep(RESTART_POLL_S)  # still restarting
+                        continue
+                except ray.exceptions.RayActorError as again:
+                    exc = again  # dead (again, or for good): one more failure
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    pass
+                self.close()
+                raise RolloutTimeoutError(
+                    f"rollout worker {i} died and Ray did not bring its actor back within "
+                    f"{timeout:.0f} s (rollout.start_timeout_s)"
+                ) from exc
+
+    def _gather(
+        self,
+        method: str,
+        timeout_s: float | None = None,
+        *args: Any,
+        workers: Sequence[int] | None = None,
+        again: bool = True,
+    ) -> list[Any]:
+        """Call ``method`` on every worker (or ``workers``); results in worker order.
+
+        A ``dict`` as first argument is read per worker (``args[0][i]``). A worker whose
+        actor dies is reopened and asked again (``again``; otherwise its result is None).
+        """
+        ray = _ray()
+        self._check_open()
+        workers = list(range(self.num_workers)) if workers is None else list(workers)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def call(i: int):
+            own = (args[0][i], *args[1:]) if args and isinstance(args[0], dict) else args
+            return getattr(self._actors[i], method).remote(*own)
+
+        pending = {call(i): i for i in workers}
+        results: dict[int, Any] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=_left(deadline))
+            if not done:
+                raise RolloutTimeoutError(
+                    f"rollout worker(s) {sorted(pending.values())} did not finish {method} "
+                    f"within {timeout_s:.0f} s; the workers' logs may say more."
+                )
+            i = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
+                self._recover(i, exc)
+                if again:
+                    pending[call(i)] = i
+                else:
+                    results[i] = None
+        return [results[i] for i in workers]
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _ray():
+    """Ray, imported on first use (``import trainer`` never needs it)."""
+    import ray
+
+    return ray
