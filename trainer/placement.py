@@ -113,3 +113,15 @@ class LocalPlacement:
     def close(self) -> None:
         while self._closers:
             self._closers.pop()()
+
+
+def make_placement(cfg: TrainConfig, run_dir: Path) -> Placement:
+    """This machine (no Ray), or Ray actors when ``cluster.address`` is set (Ray is
+    imported only then)."""
+    if not cfg.cluster.enabled:
+        return LocalPlacement(cfg, run_dir)
+    from trainer.cluster import RayPlacement
+
+    placement = RayPlacement(cfg, run_dir)
+    print(f"[fipo] {placement.describe()}", flush=True)
+    return placement

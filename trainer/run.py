@@ -50,7 +50,6 @@ from trainer.config import (
 if TYPE_CHECKING:
     from types import FrameType
 
-    from trainer.placement import Placement
     from trainer.types import RolloutBatch
 
 offline_hub()  # never reach for a model hub
@@ -236,19 +235,6 @@ def summary_line(step: int, steps: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def make_placement(cfg: TrainConfig, run_dir: Path) -> Placement:
-    """This machine (no Ray), or Ray actors when ``cluster.address`` is set."""
-    if not cfg.cluster.enabled:
-        from trainer.placement import LocalPlacement
-
-        return LocalPlacement(cfg, run_dir)
-    from trainer.cluster import RayPlacement
-
-    placement = RayPlacement(cfg, run_dir)
-    print(f"[fipo] {placement.describe()}", flush=True)
-    return placement
-
-
 def reward_client_metrics(totals: dict[str, int], eval_verifier: object) -> dict[str, float]:
     """``reward/client_requests|retries|failovers`` so far: the rollout side's (summed
     from its batches) plus the eval env's own client; empty without a reward client."""
@@ -256,17 +242,6 @@ def reward_client_metrics(totals: dict[str, int], eval_verifier: object) -> dict
     own = vars(stats()) if callable(stats) else {}
     keys = totals.keys() | own.keys()
     return {f"reward/client_{k}": float(totals.get(k, 0) + own.get(k, 0)) for k in sorted(keys)}
-
-
-def last_checkpoint_note(run_dir: Path) -> str:
-    """Where a stopped run resumes from, for the message that stops it."""
-    from trainer.checkpoint import find_checkpoint
-
-    try:
-        found = find_checkpoint(run_dir)
-    except FileNotFoundError:
-        return "no checkpoint was written yet: start the run again"
-    return f"resume with: python -m trainer.run --resume {run_dir} (checkpoint {found.name})"
 
 
 # --------------------------------------------------------------------------------------
@@ -280,11 +255,12 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from tqdm import tqdm
 
     from fipo_env.models import load_tokenizer, resolve_model_dir
-    from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+    from trainer.checkpoint import load_checkpoint, resume_hint, save_checkpoint, set_rng_state
     from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
     from trainer.learner import build_loss_config
     from trainer.learner_group import LearnerRankError
     from trainer.loggers import check_installed, make_sinks, parse_loggers
+    from trainer.placement import make_placement
     from trainer.plots import MetricsLog, write_plots
     from trainer.rollout import rollout_worker_config
 
@@ -448,7 +424,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         except LearnerRankError as exc:  # a dead rank: the group cannot save or go on
             rank_failure = exc
             tqdm.write(f"[fipo] {exc}\n[fipo] the run stops at step {step}; "
-                       f"{last_checkpoint_note(run_dir)}")  # fmt: skip
+                       f"{resume_hint(run_dir)}")  # fmt: skip
             exit_code = 5
         if stopper.requested and not rank_failure:
             tqdm.write(f"[fipo] {stopper.requested}: saving a checkpoint at step {step} and "
@@ -474,7 +450,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         bar.close()
     if rank_failure:
         print(f"[fipo] stopped: learner rank {rank_failure.rank} failed after {step} steps; "
-              f"{last_checkpoint_note(run_dir)}", flush=True)  # fmt: skip
+              f"{resume_hint(run_dir)}", flush=True)  # fmt: skip
     else:
         print(f"[fipo] done: {step} steps; run folder {run_dir}", flush=True)
     return exit_code
