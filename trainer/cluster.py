@@ -56,6 +56,8 @@ def init_ray(address: str, num_cpus: int = 0) -> bool:
 
     if ray.is_initialized():
         return False
+    if address not in ("local", "auto"):
+        check_reachable(address)
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     kwargs: dict = {
         "runtime_env": {"env_vars": {"PYTHONPATH": path}},
@@ -71,6 +73,25 @@ def init_ray(address: str, num_cpus: int = 0) -> bool:
             if handler is not None:
                 signal.signal(sig, handler)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when nothing listens at a cluster's ``host:port`` (Ray itself would retry
+    connecting to it for minutes).
+
+    Raises:
+        ConnectionError: The head's port does not accept a TCP connection.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"nothing accepts connections at {address} ({exc}); is the head started "
+            f"(ray start --head --port={port})?"
+        ) from None
 
 
 class RayPlacement:

