@@ -224,6 +224,7 @@ def main() -> int:
     if "step" in parts:
         print(f"step: the default run's settings, {args.steps} steps (first {args.warmup} "
               "left out), eval and checkpoints off, dynamic sampling off", flush=True)  # fmt: skip
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # parts 1-2 kept
         results["step"] = bench_step(args, out)
         single = results["step"]["single machine"]["step_s"]
         on_ray = results["step"]["Ray (local, 1/1/1)"]["step_s"]
