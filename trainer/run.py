@@ -423,8 +423,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
             stopper.requested = stopper.requested or "SIGINT"
         except LearnerRankError as exc:  # a dead rank: the group cannot save or go on
             rank_failure = exc
-            tqdm.write(f"[fipo] {exc}\n[fipo] the run stops at step {step}; "
-                       f"{resume_hint(run_dir)}")  # fmt: skip
+            tqdm.write(f"[fipo] {exc}")
             exit_code = 5
         if stopper.requested and not rank_failure:
             tqdm.write(f"[fipo] {stopper.requested}: saving a checkpoint at step {step} and "
@@ -435,15 +434,16 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         # otherwise leave a half-written checkpoint or orphaned workers).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if rank_failure:
-            pass  # the last periodic checkpoint is the one to resume from
-        elif stopper.forced:
+        # Neither a half-applied update nor a group with a dead rank is saved: the last
+        # periodic checkpoint is the one to resume from.
+        can_save = not (stopper.forced or rank_failure)
+        if stopper.forced:
             tqdm.write("[fipo] second signal: the update in progress was abandoned; the last "
                        "periodic checkpoint is the one to resume from")  # fmt: skip
-        elif step > start_step or not (run_dir / "checkpoints").exists():
+        if can_save and (step > start_step or not (run_dir / "checkpoints").exists()):
             checkpoint(step)
         write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
-        if not stopper.requested and not rank_failure:
+        if can_save and not stopper.requested:
             final = run_dir / "final_model"
             placement.save_model(learner, final)
             tokenizer.save_pretrained(final)
