@@ -121,6 +121,35 @@ def log_of(result: subprocess.CompletedProcess) -> str:
     return (result.stdout[-4000:] + "\n---\n" + result.stderr[-4000:]).strip()
 
 
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_reward_client_counts_are_summed_over_workers_and_the_eval_client() -> None:
+    """Failed-over requests are counted, never lost: each worker's batch carries its
+    client's counts, the union sums them, and the driver adds its eval client's."""
+    from server.client import ClientStats
+    from trainer.rollout.ray_source import merge_batches
+    from trainer.run import reward_client_metrics
+    from trainer.types import RolloutBatch
+
+    def batch(**counts) -> RolloutBatch:
+        return RolloutBatch((), 0, 1.0, 0, reward_client=counts)
+
+    merged = merge_batches([batch(requests=3, failovers=1), batch(requests=2, retries=1)])
+    assert dict(merged.reward_client) == {"requests": 5, "failovers": 1, "retries": 1}
+
+    class EvalClient:
+        def stats(self) -> ClientStats:
+            return ClientStats(requests=4, retries=2, failovers=2)
+
+    assert reward_client_metrics(dict(merged.reward_client), EvalClient()) == {
+        "reward/client_failovers": 3.0,
+        "reward/client_requests": 9.0,
+        "reward/client_retries": 3.0,
+    }
+    assert reward_client_metrics({}, object()) == {}  # a local verifier: nothing to count
+
+
 # ---------------------------------------------------------------- the default path
 
 
