@@ -128,7 +128,7 @@ def test_reward_client_counts_are_summed_over_workers_and_the_eval_client() -> N
     """Failed-over requests are counted, never lost: each worker's batch carries its
     client's counts, the union sums them, and the driver adds its eval client's."""
     from server.client import ClientStats
-    from trainer.rollout.ray_source import merge_batches
+    from trainer.rollout.shards import merge_batches
     from trainer.run import reward_client_metrics
     from trainer.types import RolloutBatch
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
 import sys
 import threading
 import time
@@ -30,12 +32,8 @@ from test_engines_support import live_descendants  # noqa: E402
 from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
 from trainer.rollout import RolloutWorkerConfig, RolloutWorkerError  # noqa: E402
-from trainer.rollout.ray_source import (  # noqa: E402
-    RayRolloutSource,
-    split_evenly,
-    worker_configs,
-    worker_seed,
-)
+from trainer.rollout.ray_source import RayRolloutSource  # noqa: E402
+from trainer.rollout.shards import split_evenly, worker_configs, worker_seed  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
 
@@ -68,6 +66,17 @@ def rollout_processes(infos) -> list[psutil.Process]:
     return alive
 
 
+def kill_actor(source: RayRolloutSource, i: int) -> None:
+    """``ray.kill`` actor ``i`` (Ray restarts it) and wait until its process is gone, so
+    that the next call cannot reach the old incarnation."""
+    import ray
+
+    pid = source.worker_info()[i]["pid"]
+    ray.kill(source.actors[i], no_restart=False)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=60)
+
+
 def assert_gone(infos) -> None:
     _, alive = psutil.wait_procs(rollout_processes(infos), timeout=30)
     assert alive == [], f"left behind: {alive}"
@@ -92,6 +101,8 @@ def test_prompts_are_split_evenly_and_streams_differ(tmp_path):
     assert len({c.seed for c in cfgs}) == 2 and cfgs[0].seed == cfg.seed
     assert [Path(c.log_file).name for c in cfgs] == ["w.0.log", "w.1.log"]
     assert cfgs[1].engine == cfg.engine
+    with pytest.raises(ValueError, match=r"num_workers \(6\).*prompts_per_step \(5\)"):
+        worker_configs(cfg, 6)
 
 
 def test_importing_the_trainer_does_not_import_ray():
@@ -108,23 +119,25 @@ def test_importing_the_trainer_does_not_import_ray():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two simulated nodes (one CPU each); Ray is shut down and checked at the end."""
+    """Two simulated nodes (one CPU each). At the end Ray is shut down, and every process
+    started meanwhile (Ray's, the actors', their workers' and engines') must be gone."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    earlier = {p.pid for p in live_descendants()}  # e.g. other modules' servers
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
     try:
+        c.add_node(num_cpus=1)
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
         yield c
     finally:
+        ours = [p for p in live_descendants() if p.pid not in earlier]
         ray.shutdown()
         c.shutdown()
-        deadline = time.monotonic() + 30
-        while live_descendants() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [(p.pid, " ".join(p.cmdline())[:80]) for p in live_descendants()]
+        _, alive = psutil.wait_procs(ours, timeout=30)
+        alive += [p for p in live_descendants() if p.pid not in earlier and p not in alive]
+        left = [(p.pid, p.name()) for p in alive if p.is_running()]
         assert left == [], f"Ray left processes behind: {left}"
 
 
@@ -163,6 +176,7 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
             (2, 1),
             (2, 1),
         ]
+        assert not source.worker_busy()  # both wait: the learner may take every core
         with pytest.raises(RuntimeError, match="publish"):
             source.next_batch(timeout_s=TIMEOUT_S)
 
@@ -180,6 +194,16 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
         out, version = source.generate([[1, 2, 3]] * 3, 2, SamplingConfig(max_tokens=3))
         assert version == 3 and len(out) == 3 and all(len(g) == 2 for g in out)
         assert source.restarts == 0 and source.metrics()["rollout/reissued_prompts"] == 0
+
+        # A worker process killed inside a live actor while it waits for weights: its
+        # ProcessRolloutSource restarts it (counted); nothing the learner asked for was
+        # lost, so nothing is re-issued.
+        os.kill(infos[1]["worker_pid"], signal.SIGKILL)
+        source.publish(tiny_weights, version=4)
+        batch = source.next_batch(timeout_s=TIMEOUT_S)
+        assert [g.policy_version for g in batch.groups] == [4, 4, 4]
+        assert source.restarts == 1 and source.reissued_prompts == 0
+        infos = infos + source.worker_info()
     finally:
         source.close()
     assert_gone(infos)
@@ -190,10 +214,11 @@ def test_two_workers_on_two_nodes_make_one_batch_with_versions(cluster, tiny_dir
 def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
     cluster, tiny_dir, tiny_weights
 ):
-    """``ray.kill`` of one actor while ``next_batch`` waits on it: Ray restarts it, it is
-    asked again, the step gets all its groups, and the re-issued count is its share. An
-    actor killed between steps is reopened the same way; one failure more than
-    ``max_worker_failures`` is a clear error."""
+    """``ray.kill`` of one actor while ``next_batch`` waits on it (and SIGKILL of the
+    other's worker process): Ray restarts the actor, the other actor's source restarts
+    its process, both are asked again, the step gets all its groups, and the re-issued
+    count is their two shares. An actor killed between steps is reopened the same way;
+    one failure more than ``max_worker_failures`` is a clear error."""
     import ray
 
     source = RayRolloutSource(
@@ -207,6 +232,7 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         while not source._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
         ray.kill(source.actors[1], no_restart=False)
+        os.kill(before[0]["worker_pid"], signal.SIGKILL)
         killed.set()
 
     killer = threading.Thread(target=kill_when_asked, daemon=True)
@@ -218,29 +244,31 @@ def test_killed_workers_are_restarted_their_prompts_reissued_within_a_budget(
         assert killed.is_set()
         assert len(batch.groups) == 3 and source.last_batch_workers == (0, 0, 1)
         assert [g.policy_version for g in batch.groups] == [0, 0, 0]
-        assert source.reissued_prompts == source.shares[1] == 1
+        assert source.shares == (2, 1)
+        assert source.reissued_prompts == 2 + 1
         assert source.metrics() == {
-            "rollout/reissued_prompts": 1.0,
-            "rollout/worker_restarts": 1.0,
+            "rollout/reissued_prompts": 3.0,
+            "rollout/worker_restarts": 2.0,
         }
         after = source.worker_info()
         seen = seen + after
         assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
         assert_gone(before[1:])  # the dead actor took its worker process along
+        assert after[0]["worker_pid"] != before[0]["worker_pid"]
 
         # Killed between steps: found dead (or restarted but empty) when asked, reopened
         # at the newest version; its share is asked again and counted.
         source.publish(tiny_weights, version=1)
-        ray.kill(source.actors[0], no_restart=False)
+        kill_actor(source, 0)
         batch = source.next_batch(timeout_s=TIMEOUT_S)
         assert len(batch.groups) == 3 and [g.policy_version for g in batch.groups] == [1, 1, 1]
-        assert source.reissued_prompts == 1 + source.shares[0] == 3
-        assert source.restarts == 2
+        assert source.reissued_prompts == 3 + 2
+        assert source.restarts == 3
         seen = seen + source.worker_info()
 
         # A third failure is one more than max_worker_failures=2.
         source.publish(tiny_weights, version=2)
-        ray.kill(source.actors[1], no_restart=False)
+        kill_actor(source, 1)
         with pytest.raises(RolloutWorkerError, match="max_worker_failures=2"):
             source.next_batch(timeout_s=TIMEOUT_S)
     finally:

@@ -18,7 +18,9 @@ Ray only decides who starts the workers and where; each actor owns one unchanged
   returns the union, in worker order, each group keeping the policy version that made
   it (``last_batch_workers`` says which worker made which group).
 - **Staleness.** Every worker runs with the same ``max_staleness`` and counts batches
-  exactly as the learner does, so the bound holds per worker.
+  exactly as the learner does, so the bound holds per worker. A reopened worker counts
+  from the newest published version: exact when the learner publishes once per batch
+  before it asks for the next (the trainer's loop).
 - **Weights.** ``publish`` puts the state dict into Ray's object store once (CPU, in the
   engine's dtype); every actor reads it (shared memory on its own node, a transfer
   across nodes) and hands it to its source's ``publish``, which writes its node's
@@ -39,11 +41,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -51,15 +51,13 @@ import torch
 
 from trainer.engines.base import SamplingConfig
 from trainer.rollout.config import RolloutWorkerConfig
-from trainer.rollout.source import (
-    ProcessRolloutSource,
-    RolloutTimeoutError,
-    RolloutWorkerError,
-    request_timeout,
-)
+from trainer.rollout.ray_actor import RolloutActor, WorkerLostError
+from trainer.rollout.shards import merge_batches, split_evenly, worker_configs, worker_seed
+from trainer.rollout.source import RolloutTimeoutError, RolloutWorkerError, request_timeout
 from trainer.types import Generation, RolloutBatch
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
@@ -69,159 +67,6 @@ PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 CLOSE_GRACE_S = 60.0
 #: How often a restarting actor is asked again whether it is back.
 RESTART_POLL_S = 0.2
-
-
-class WorkerLostError(RolloutWorkerError):
-    """The actor was restarted by Ray (its previous incarnation died while idle) and has
-    not been reopened: the learner side treats it as a death and reopens it."""
-
-
-def split_evenly(total: int, parts: int) -> list[int]:
-    """``total`` items over ``parts`` as evenly as possible, the larger shares first.
-
-    >>> split_evenly(8, 3)
-    [3, 3, 2]
-    """
-    if parts < 1 or total < parts:
-        raise ValueError(
-            f"cannot split {total} item(s) over {parts} worker(s): need 1 <= {parts} <= {total}"
-        )
-    base, extra = divmod(total, parts)
-    return [base + (i < extra) for i in range(parts)]
-
-
-def worker_seed(seed: int, index: int, incarnation: int = 0) -> int:
-    """Problem-stream seed of worker ``index`` (its ``incarnation``-th reopening).
-
-    Worker 0's first incarnation keeps ``seed`` (one Ray worker draws what a
-    ``ProcessRolloutSource`` draws); every other (worker, incarnation) gets its own
-    stream, derived with ``numpy.random.SeedSequence``.
-    """
-    if index == 0 and incarnation == 0:
-        return int(seed)
-    return int(np.random.SeedSequence([int(seed), index, incarnation]).generate_state(1)[0])
-
-
-def worker_configs(cfg: RolloutWorkerConfig, num_workers: int) -> list[RolloutWorkerConfig]:
-    """Each worker's settings: its share of ``prompts_per_step`` (and of
-    ``prompts_per_round`` when set), its own problem stream and log file; the rest
-    (engine, staleness, timeouts) is ``cfg``'s."""
-    shares = split_evenly(cfg.rollout.prompts_per_step, num_workers)
-    rounds = (
-        split_evenly(max(cfg.prompts_per_round, num_workers), num_workers)
-        if cfg.prompts_per_round
-        else [0] * num_workers
-    )
-    out = []
-    for i, (share, per_round) in enumerate(zip(shares, rounds, strict=True)):
-        log = Path(cfg.log_file)
-        out.append(
-            replace(
-                cfg,
-                rollout=replace(cfg.rollout, prompts_per_step=share),
-                prompts_per_round=per_round,
-                seed=worker_seed(cfg.seed, i),
-                log_file=str(log.with_name(f"{log.stem}.{i}{log.suffix}")) if cfg.log_file else "",
-            )
-        )
-    return out
-
-
-def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
-    """The union of the workers' batches (groups in worker order, versions kept).
-
-    ``gen_seconds`` is the slowest worker's: they generate side by side.
-    """
-    return RolloutBatch(
-        groups=tuple(g for b in batches for g in b.groups),
-        num_generated_groups=sum(b.num_generated_groups for b in batches),
-        gen_seconds=max(b.gen_seconds for b in batches),
-        gen_tokens=sum(b.gen_tokens for b in batches),
-        reward_client={
-            k: sum(b.reward_client.get(k, 0) for b in batches)
-            for k in {k for b in batches for k in b.reward_client}
-        },
-    )
-
-
-class RolloutActor:
-    """What runs inside one Ray actor: a ``ProcessRolloutSource`` and its worker process.
-
-    Built empty (Ray re-runs ``__init__`` when it restarts a dead actor, with the
-    arguments of the first start, which would be stale); ``open`` starts the worker with
-    the learner's current version and weights. The learner side calls one method at a
-    time (the actor runs them in order).
-    """
-
-    def __init__(self) -> None:
-        self.source: ProcessRolloutSource | None = None
-
-    def open(
-        self,
-        cfg: RolloutWorkerConfig,
-        version: int,
-        weights: Mapping[str, torch.Tensor] | None,
-        autostart: bool,
-    ) -> dict[str, Any]:
-        """Start the worker process (not waiting for its engine); return ``info()``."""
-        if self.source is not None:
-            self.source.close()
-        self.source = ProcessRolloutSource(
-            cfg, initial_version=version, initial_weights=weights, autostart=autostart
-        )
-        return self.info()
-
-    def info(self) -> dict[str, Any]:
-        """``{"pid", "worker_pid", "node_id", "restarts"}`` of this actor."""
-        import ray
-
-        src = self._src()
-        return {
-            "pid": os.getpid(),
-            "worker_pid": src.worker_pid,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "restarts": src.restarts,
-        }
-
-    def wait_ready(self, timeout_s: float | None) -> tuple[str, str]:
-        src = self._src()
-        src.wait_ready(timeout_s)
-        return src.engine_kind, src.engine_note
-
-    def next_batch(self, timeout_s: float | None) -> tuple[RolloutBatch, int]:
-        """The worker's next batch and how often its process was restarted meanwhile."""
-        src = self._src()
-        before = src.restarts
-        batch = src.next_batch(timeout_s)
-        return batch, src.restarts - before
-
-    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        self._src().publish(state_dict, version)
-
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        n: int,
-        sampling: SamplingConfig,
-        timeout_s: float | None,
-        phase: str,
-    ) -> tuple[list[list[Generation]], int]:
-        return self._src().generate(prompt_token_ids, n, sampling, timeout_s, phase)
-
-    def worker_state(self, timeout_s: float | None) -> dict[str, Any]:
-        return self._src().worker_state(timeout_s)
-
-    def worker_busy(self) -> bool:
-        return self._src().worker_busy()
-
-    def close(self) -> None:
-        if self.source is not None:
-            self.source.close()
-
-    def _src(self) -> ProcessRolloutSource:
-        if self.source is None:
-            raise WorkerLostError("this rollout actor was restarted by Ray and not reopened")
-        return self.source
 
 
 class RayRolloutSource:
@@ -249,6 +94,10 @@ class RayRolloutSource:
             session is shut down by ``close()``. An already initialised Ray is used as is
             and left running.
 
+    Attributes:
+        shares: Groups each worker makes per step (``rollout.prompts_per_step`` split).
+        last_batch_workers: The worker that made each group of the last batch.
+
     Raises:
         ValueError: Invalid settings.
         RolloutWorkerError: The cluster cannot place the workers in
@@ -271,7 +120,8 @@ class RayRolloutSource:
     ) -> None:
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(
-                f"RayRolloutSource strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD (got {strategy!r})"
+                "RayRolloutSource strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD "
+                f"(got {strategy!r})"
             )
         if cpus_per_worker < 0 or gpus_per_worker < 0:
             raise ValueError("RayRolloutSource cpus_per_worker and gpus_per_worker must be >= 0")
@@ -290,13 +140,14 @@ class RayRolloutSource:
         self._closed = False
         self._failures = 0  # actor deaths
         self._worker_restarts = 0  # worker processes restarted inside live actors
+        self._seen_restarts = [0] * num_workers  # of each actor's current source
         self._reissued = 0
         self._incarnations = [0] * num_workers
         self._kinds = [""] * num_workers
         self._notes = [""] * num_workers
         self.last_batch_workers: tuple[int, ...] = ()  # worker index of each group
         self._actors: list[ActorHandle] = []
-        self._in_flight: dict[Any, int] = {}  # next_batch calls in flight -> worker index
+        self._in_flight: dict[ObjectRef, int] = {}  # calls in flight -> worker index
         self._pg: PlacementGroup | None = None
 
         ray = _ray()
@@ -321,6 +172,7 @@ class RayRolloutSource:
 
     @property
     def num_workers(self) -> int:
+        """How many rollout actors there are."""
         return len(self._actors)
 
     @property
@@ -359,7 +211,7 @@ class RayRolloutSource:
 
     def worker_info(self) -> list[dict[str, Any]]:
         """Each actor's ``{"pid", "worker_pid", "node_id", "restarts"}``."""
-        return self._gather("info")
+        return self._gather("info", None)
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until every worker's engine has started.
@@ -370,7 +222,15 @@ class RayRolloutSource:
                 ``cfg.rollout.start_timeout_s``).
         """
         timeout_s = timeout_s or self.cfg.rollout.start_timeout_s
-        for i, (kind, note) in enumerate(self._gather("wait_ready", timeout_s, timeout_s)):
+        for i, (kind, note) in enumerate(
+            self._gather(
+                "wait_ready",
+                timeout_s,
+                lambda i: (timeout_s,),
+                what="start-up",
+                setting="rollout.start_timeout_s",
+            )
+        ):
             self._kinds[i], self._notes[i] = kind, note
 
     def next_batch(self, timeout_s: float | None = None) -> RolloutBatch:
@@ -385,7 +245,6 @@ class RayRolloutSource:
             RuntimeError: Called again without ``publish`` when the staleness bound makes
                 the batch impossible.
         """
-        ray = _ray()
         self._check_open()
         allowed = self._version - self._base_version + self.cfg.rollout.max_staleness
         if self._received > allowed:
@@ -397,37 +256,29 @@ class RayRolloutSource:
             )
         self._started = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._in_flight = {
-            self._actors[i].next_batch.remote(timeout_s): i for i in range(self.num_workers)
-        }
-        batches: dict[int, RolloutBatch] = {}
-        while self._in_flight:
-            left = _left(deadline)
-            done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=left)
-            if not done:
-                waiting = sorted(self._in_flight.values())
-                self._in_flight = {}
-                raise RolloutTimeoutError(
-                    f"rollout worker(s) {waiting} did not deliver rollout batch {self._received} "
-                    f"within {timeout_s:.0f} s. On a slow or busy machine raise "
-                    "rollout.batch_timeout_s; the workers' logs may say more."
-                )
-            i = self._in_flight.pop(done[0])
-            try:
-                batch, restarted = ray.get(done[0])
-            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
-                self._recover(i, exc)  # reopened with the newest weights: ask again
+
+        def lost(i: int) -> None:  # reopened with the newest weights, then asked again
+            self._reissued += self.shares[i]
+
+        replies = self._gather(
+            "next_batch",
+            timeout_s,
+            lambda i: (_left(deadline),),
+            what=f"rollout batch {self._received}",
+            setting="rollout.batch_timeout_s",
+            on_lost=lost,
+        )
+        for i, (_, during, total) in enumerate(replies):
+            # Worker processes restarted by the actor's own ProcessRolloutSource; one that
+            # died during this call made this batch again.
+            self._worker_restarts += total - self._seen_restarts[i]
+            self._seen_restarts[i] = total
+            if during:
                 self._reissued += self.shares[i]
-                self._in_flight[self._actors[i].next_batch.remote(_left(deadline))] = i
-                continue
-            if restarted:  # its worker process died and was restarted inside the actor
-                self._worker_restarts += restarted
-                self._reissued += self.shares[i]
-            batches[i] = batch
         self._received += 1
-        ordered = [batches[i] for i in range(self.num_workers)]
-        self.last_batch_workers = tuple(i for i, b in enumerate(ordered) for _ in b.groups)
-        return merge_batches(ordered)
+        batches = [batch for batch, _, _ in replies]
+        self.last_batch_workers = tuple(i for i, b in enumerate(batches) for _ in b.groups)
+        return merge_batches(batches)
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Make ``state_dict`` (HF names) policy ``version`` of every worker's engine.
@@ -449,7 +300,13 @@ class RayRolloutSource:
         # Set before the calls: a worker reopened meanwhile starts from these weights.
         self._weights_ref, self._version = ref, int(version)
         # A worker reopened meanwhile already serves it: it is not asked again.
-        self._gather("publish", self.cfg.rollout.request_timeout_s, ref, self._version, again=False)
+        self._gather(
+            "publish",
+            self.cfg.rollout.request_timeout_s,
+            lambda i: (ref, self._version),
+            what=f"weight sync (version {version})",
+            again=False,
+        )
 
     def generate(
         self,
@@ -472,11 +329,14 @@ class RayRolloutSource:
             return [], self._version
         parts = split_evenly(len(prompts), min(self.num_workers, len(prompts)))
         starts = np.cumsum([0, *parts]).tolist()
-        chunks = {i: prompts[starts[i] : starts[i + 1]] for i in range(len(parts))}
         if timeout_s is None:
             timeout_s = request_timeout(self.cfg, max(parts), n, sampling.max_tokens)
         replies = self._gather(
-            "generate", timeout_s, chunks, n, sampling, timeout_s, phase, workers=list(chunks)
+            "generate",
+            timeout_s,
+            lambda i: (prompts[starts[i] : starts[i + 1]], n, sampling, timeout_s, phase),
+            workers=range(len(parts)),
+            what=phase,
         )
         out = [g for gens, _ in replies for g in gens]
         return out, min(v for _, v in replies)
@@ -486,7 +346,7 @@ class RayRolloutSource:
         them (``version`` and ``next_batch``: the lowest; ``waiting_for_version``: the
         highest; ``started``: all), plus ``workers``: each worker's own answer."""
         timeout_s = timeout_s or self.cfg.rollout.request_timeout_s
-        states = self._gather("worker_state", timeout_s, timeout_s)
+        states = self._gather("worker_state", timeout_s, lambda i: (timeout_s,))
         return {
             "version": min(s["version"] for s in states),
             "next_batch": min(s["next_batch"] for s in states),
@@ -496,7 +356,7 @@ class RayRolloutSource:
         }
 
     def worker_busy(self) -> bool:
-        """Whether any worker is generating; ``True`` when one does not answer at once
+        """Whether any worker is generating; ``True`` when one does not answer within 5 s
         (the learner then leaves the rollout side its cores)."""
         ray = _ray()
         try:
@@ -540,7 +400,7 @@ class RayRolloutSource:
         if self._closed:
             raise RuntimeError("RayRolloutSource is closed")
 
-    def _put(self, state_dict: Mapping[str, torch.Tensor]):
+    def _put(self, state_dict: Mapping[str, torch.Tensor]) -> ObjectRef:
         """One object-store copy of the weights, on CPU, in the engine's dtype if explicit."""
         ray = _ray()
         dtype = self.cfg.engine.dtype
@@ -610,6 +470,7 @@ class RayRolloutSource:
                     f"(max_worker_failures={self.max_worker_failures}). Last: {exc}"
                 )
             self._incarnations[i] += 1
+            self._seen_restarts[i] = 0  # a new ProcessRolloutSource
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -633,43 +494,58 @@ class RayRolloutSource:
     def _gather(
         self,
         method: str,
-        timeout_s: float | None = None,
-        *args: Any,
+        timeout_s: float | None,
+        args_for: Callable[[int], tuple] = lambda i: (),
+        *,
         workers: Sequence[int] | None = None,
+        what: str = "",
+        setting: str = "rollout.request_timeout_s",
         again: bool = True,
+        on_lost: Callable[[int], None] | None = None,
     ) -> list[Any]:
-        """Call ``method`` on every worker (or ``workers``); results in worker order.
+        """Call ``method(*args_for(i))`` on every worker (or ``workers``) at once; return
+        the results in worker order.
 
-        A ``dict`` as first argument is read per worker (``args[0][i]``). A worker whose
-        actor dies is reopened and asked again (``again``; otherwise its result is None).
+        A worker whose actor died is reopened (``_recover``), ``on_lost(i)`` is called, and
+        it is asked again (``again``; otherwise its result is ``None``: a ``publish`` is
+        served by the reopening itself).
+
+        Raises:
+            RolloutTimeoutError: Not every result within ``timeout_s`` (the message names
+                ``what`` and ``setting``).
         """
         ray = _ray()
         self._check_open()
         workers = list(range(self.num_workers)) if workers is None else list(workers)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
-        def call(i: int):
-            own = (args[0][i], *args[1:]) if args and isinstance(args[0], dict) else args
-            return getattr(self._actors[i], method).remote(*own)
+        def call(i: int) -> ObjectRef:
+            return getattr(self._actors[i], method).remote(*args_for(i))
 
-        pending = {call(i): i for i in workers}
         results: dict[int, Any] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=_left(deadline))
-            if not done:
-                raise RolloutTimeoutError(
-                    f"rollout worker(s) {sorted(pending.values())} did not finish {method} "
-                    f"within {timeout_s:.0f} s; the workers' logs may say more."
-                )
-            i = pending.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-            except (ray.exceptions.RayActorError, WorkerLostError) as exc:
-                self._recover(i, exc)
-                if again:
-                    pending[call(i)] = i
-                else:
-                    results[i] = None
+        self._in_flight = {call(i): i for i in workers}
+        try:
+            while self._in_flight:
+                done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=_left(deadline))
+                if not done:
+                    raise RolloutTimeoutError(
+                        f"rollout worker(s) {sorted(self._in_flight.values())} did not finish "
+                        f"{what or method} within {timeout_s:.0f} s. On a slow or busy machine "
+                        f"raise {setting}; the workers' logs may say more."
+                    )
+                i = self._in_flight.pop(done[0])
+                try:
+                    results[i] = ray.get(done[0])
+                except (ray.exceptions.RayActorError, WorkerLostError) as exc:
+                    self._recover(i, exc)
+                    if on_lost is not None:
+                        on_lost(i)
+                    if again:
+                        self._in_flight[call(i)] = i
+                    else:
+                        results[i] = None
+        finally:
+            self._in_flight = {}
         return [results[i] for i in workers]
 
 
