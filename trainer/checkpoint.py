@@ -109,3 +109,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint (run folder or checkpoint folder) onto the CPU."""
     folder = find_checkpoint(path)
     return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+
+
+def resume_hint(run_dir: str | Path) -> str:
+    """How to continue a stopped run: the ``--resume`` command and its checkpoint."""
+    try:
+        found = find_checkpoint(run_dir)
+    except FileNotFoundError:
+        return "no checkpoint was written yet: start the run again"
+    return f"resume with: python -m trainer.run --resume {run_dir} (checkpoint {found.name})"

@@ -495,6 +495,104 @@ class RunConfig:
         )
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the run's processes go: this machine (default) or a Ray cluster.
+
+    Empty ``address`` is the single-machine path (no Ray import). Otherwise the rollout
+    workers, reward-server replicas and learner ranks are Ray actors, each role in its own
+    placement group of one bundle per process (``trainer.cluster``); the worker, learner
+    and loss code is the same either way. See docs/scale.md.
+    """
+
+    SECTION: ClassVar[str] = "cluster"
+
+    address: str = ""
+    """Where to run: empty = this machine, without Ray (``make run``); ``local`` = start a
+    private Ray instance here (never someone else's); ``auto`` = join the cluster this
+    machine belongs to (``ray start``; also what ``ray job submit`` sets); ``host:port`` =
+    join the cluster whose head (GCS) listens there."""
+    rollout_workers: int = 1
+    """Rollout workers (engine + env each), Ray actors; ``rollout.prompts_per_step`` is
+    split over them. Must be <= ``rollout.prompts_per_step``."""
+    reward_replicas: int = 1
+    """Reward-server replicas (each with ``rollout.reward_workers`` math-verify workers),
+    load-balanced with failover by the client. Not started when
+    ``rollout.reward_address`` names a running server."""
+    learner_ranks: int = 1
+    """Data-parallel learner ranks (gloo on CPU, NCCL when ``learner_rank_gpus`` > 0)."""
+    rollout_cpus: float = 1.0
+    """CPUs reserved per rollout worker (its placement-group bundle)."""
+    rollout_gpus: float = 0.0
+    """GPUs per rollout worker (vLLM's engine sees these)."""
+    reward_cpus: float = 1.0
+    """CPUs reserved per reward replica; give each math-verify worker one."""
+    learner_rank_cpus: float = 1.0
+    """CPUs reserved per learner rank (also its torch threads, at least 1)."""
+    learner_rank_gpus: float = 0.0
+    """GPUs per learner rank; > 0 selects NCCL (``model.device`` must not be ``cpu``)."""
+    strategy: PlacementStrategy = "PACK"
+    """Placement-group strategy of each role's bundles: ``PACK`` (as few nodes as fit),
+    ``SPREAD`` (across nodes, best effort), or the ``STRICT_`` forms (fail if impossible)."""
+    max_restarts: int = 3
+    """Rollout-worker deaths survived in all (Ray restarts the actor, its prompts are
+    issued again and counted in ``rollout/reissued_prompts``); also how often Ray
+    restarts a dead reward replica (useful with a fixed ``reward_port``)."""
+    reward_port: int = 0
+    """0: each reward replica binds a free port. Otherwise replica ``i`` binds
+    ``reward_port + i`` on its node, also after a restart, so clients reconnect to it."""
+    num_cpus: int = 0
+    """``address=local`` only: logical CPUs the local Ray instance offers (0 = this
+    machine's count). Bundles reserve logical CPUs: raise it to place more processes
+    than cores (they then share them)."""
+    ready_timeout_s: float = 600.0
+    """How long to wait for Ray to place each role's bundles before failing clearly."""
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        address = self.address.strip()
+        if address not in ("", "local", "auto"):
+            host, _, port = address.rpartition(":")
+            _check(
+                bool(host) and port.isdigit() and "//" not in host,
+                s,
+                "address",
+                "must be empty (this machine, no Ray), local, auto or host:port",
+                self.address,
+            )
+        for name in ("rollout_workers", "reward_replicas", "learner_ranks"):
+            _check(getattr(self, name) >= 1, s, name, "must be >= 1", getattr(self, name))
+        for name in ("rollout_cpus", "reward_cpus", "learner_rank_cpus"):
+            _check(getattr(self, name) > 0, s, name, "must be > 0", getattr(self, name))
+        for name in ("rollout_gpus", "learner_rank_gpus"):
+            _check(getattr(self, name) >= 0, s, name, "must be >= 0", getattr(self, name))
+        _check(self.max_restarts >= 0, s, "max_restarts", "must be >= 0", self.max_restarts)
+        _check(
+            self.reward_port == 0 or 1024 <= self.reward_port <= 65535 - self.reward_replicas,
+            s,
+            "reward_port",
+            "must be 0 (free ports) or a base port in [1024, 65535 - reward_replicas]",
+            self.reward_port,
+        )
+        _check(self.num_cpus >= 0, s, "num_cpus", "must be >= 0 (0 = all)", self.num_cpus)
+        _check(
+            self.num_cpus == 0 or address == "local",
+            s,
+            "num_cpus",
+            "applies to cluster.address=local only (a running cluster has its own)",
+            self.num_cpus,
+        )
+        _check(self.ready_timeout_s > 0, s, "ready_timeout_s", "must be > 0", self.ready_timeout_s)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run uses Ray (``address`` is set)."""
+        return bool(self.address.strip())
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The whole trainer configuration."""
@@ -513,6 +611,8 @@ class TrainConfig:
     """Held-out evaluation."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length, folder, checkpoints."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """This machine, or Ray: rollout workers, reward replicas, learner ranks."""
 
     def __post_init__(self) -> None:
         if self.optim.mini_batches > self.rollout.prompts_per_step * self.rollout.group_size:
@@ -520,6 +620,24 @@ class TrainConfig:
                 f"optim.mini_batches ({self.optim.mini_batches}) exceeds the samples per step "
                 f"(rollout.prompts_per_step x rollout.group_size = "
                 f"{self.rollout.prompts_per_step * self.rollout.group_size})"
+            )
+        c = self.cluster
+        if c.enabled and c.rollout_workers > self.rollout.prompts_per_step:
+            raise ConfigError(
+                f"cluster.rollout_workers ({c.rollout_workers}) exceeds "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}): each worker "
+                "makes at least one prompt group per step"
+            )
+        if c.enabled and c.learner_rank_gpus > 0 and self.model.device == "cpu":
+            raise ConfigError(
+                f"cluster.learner_rank_gpus ({c.learner_rank_gpus}) needs model.device "
+                "cuda or auto (got 'cpu')"
+            )
+        if c.enabled and self.rollout.reward_address and c.reward_replicas > 1:
+            raise ConfigError(
+                f"cluster.reward_replicas ({c.reward_replicas}) with "
+                f"rollout.reward_address={self.rollout.reward_address!r}: replicas are "
+                "started only when no reward address is given; drop one of the two"
             )
 
     @property
@@ -710,7 +828,7 @@ USAGE = """usage: python -m trainer.run [--preset cpu|gpu|paper] [--config FILE.
                           [section.field=value ...] [--section.field value ...]
 
 Trains the embedded default (SmolLM2-135M-Instruct on built-in arithmetic) when given
-no arguments. Sections: model, task, rollout, algorithm, optim, eval, run.
+no arguments. Sections: model, task, rollout, algorithm, optim, eval, run, cluster.
 Examples: rollout.group_size=8  --optim.lr 2e-5  --model /path/to/hf_model  algorithm.name=dapo
 Later wins: preset -> --config file -> overrides. `--help` lists every field.
 """

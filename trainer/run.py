@@ -10,6 +10,9 @@ How this departs from a textbook GRPO loop:
   every group records the version that generated it. ``max_staleness=0`` is synchronous.
 - Rewards come from the gRPC reward server (started here as a subprocess unless
   ``rollout.reward_address`` names a running one), via the token-level env.
+- Where the processes run is the placement's business (``trainer.placement``): this
+  machine by default, or Ray actors on a cluster (``cluster.address``, ``trainer.cluster``:
+  N rollout workers, M reward replicas, K learner ranks). The loop below is the same.
 - Each rollout batch gets ``optim.mini_batches`` optimiser steps, with ``old_logp``
   recomputed by the learner first, so Future-KL (FIPO) acts from the second step on.
 - Optional truncated importance sampling corrects for the engine's (stale) policy.
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fipo_env.models import offline_hub
-from server.launch import RewardServerError, start_reward_server, stop_process, wait_reward_server
+from server.launch import RewardServerError, wait_reward_server
 from trainer.config import (
     USAGE,
     ConfigError,
@@ -232,6 +235,15 @@ def summary_line(step: int, steps: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def reward_client_metrics(totals: dict[str, int], eval_verifier: object) -> dict[str, float]:
+    """``reward/client_requests|retries|failovers`` so far: the rollout side's (summed
+    from its batches) plus the eval env's own client; empty without a reward client."""
+    stats = getattr(eval_verifier, "stats", None)
+    own = vars(stats()) if callable(stats) else {}
+    keys = totals.keys() | own.keys()
+    return {f"reward/client_{k}": float(totals.get(k, 0) + own.get(k, 0)) for k in sorted(keys)}
+
+
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
@@ -243,12 +255,14 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from tqdm import tqdm
 
     from fipo_env.models import load_tokenizer, resolve_model_dir
-    from trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+    from trainer.checkpoint import load_checkpoint, resume_hint, save_checkpoint, set_rng_state
     from trainer.eval import SourceGreedyGenerator, evaluate, held_out_problems, make_eval_env
-    from trainer.learner import Learner, build_loss_config
+    from trainer.learner import build_loss_config
+    from trainer.learner_group import LearnerRankError
     from trainer.loggers import check_installed, make_sinks, parse_loggers
+    from trainer.placement import make_placement
     from trainer.plots import MetricsLog, write_plots
-    from trainer.rollout import ProcessRolloutSource, rollout_worker_config
+    from trainer.rollout import rollout_worker_config
 
     stopper = _Stopper()
     stopper.install()
@@ -271,19 +285,17 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
           f"{cfg.model.autocast_dtype} ({precision.reason})", flush=True)  # fmt: skip
 
     with contextlib.ExitStack() as stack:
-        # Reward server: an existing address, or our own subprocess (stopped at the end).
-        address = cfg.rollout.reward_address
-        if not address:
-            proc, address = start_reward_server(
-                cfg.rollout.reward_workers, run_dir / "reward_server.log"
-            )
-            stack.callback(stop_process, proc)
+        # Who starts the processes, and where: this machine, or Ray (cluster.address).
+        placement = make_placement(cfg, run_dir)
+        stack.callback(placement.close)
+        # Reward server: an existing address, or our own (subprocess / Ray replicas).
+        address = placement.reward_address()
         wait_reward_server(address, cfg.rollout.reward_connect_timeout_s)
 
-        # Learner (and the state to resume from).
+        # Learner (one process, or K ranks) and the state to resume from.
         tokenizer = load_tokenizer(model_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        learner = Learner(cfg, model_dir, build_loss_config(cfg.algorithm), pad_id=pad_id)
+        learner = placement.learner(model_dir, build_loss_config(cfg.algorithm), pad_id)
         start_step = 0
         if resume:
             state = load_checkpoint(resume)
@@ -293,17 +305,13 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
             print(f"[fipo] resumed at step {start_step} (policy version {learner.version})",
                   flush=True)  # fmt: skip
 
-        # Rollout worker (engine + env + verifier in its own process) and weight publisher.
+        # Rollout worker(s) (engine + env + verifier in their own processes), publisher.
         worker_cfg = rollout_worker_config(
             cfg, model_dir, address, log_file=run_dir / "rollout_worker.log"
         )
-        source = ProcessRolloutSource(
-            worker_cfg,
-            initial_version=learner.version,
-            initial_weights=learner.hf_state_dict() if learner.version else None,
-            autostart=False,  # the first eval runs before rollouts compete for the CPU
+        source = placement.rollout_source(
+            worker_cfg, learner.version, learner.hf_state_dict() if learner.version else None
         )
-        stack.callback(source.close)
         t_engine = time.perf_counter()
         with stopper.interruptible():
             source.wait_ready()
@@ -314,7 +322,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
               f"{run_dir / 'rollout_worker.log'})", flush=True)  # fmt: skip
         busy_threads = torch.get_num_threads()
         idle_threads = cfg.model.idle_threads or len(os.sched_getaffinity(0))
-        if idle_threads != busy_threads:  # every core while the worker waits
+        if idle_threads != busy_threads and not cfg.cluster.enabled:  # all cores while it waits
             learner.thread_policy = lambda: busy_threads if source.worker_busy() else idle_threads
 
         # Held-out eval: same env, verifier and engine, greedy.
@@ -334,6 +342,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                                         "setup/engine_vllm": float(source.engine_kind == "vllm")})  # fmt: skip
 
         evaluated_at: list[int] = []
+        client_totals: dict[str, int] = {}  # the rollout side's reward-client counters
 
         def run_eval(step: int) -> dict[str, float]:
             if not problems or step in evaluated_at:
@@ -359,6 +368,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         steps = cfg.run.steps
         step = start_step
         exit_code = 0
+        rank_failure: LearnerRankError | None = None
         bar = tqdm(total=steps, initial=start_step, disable=not cfg.run.progress,
                    unit="step", dynamic_ncols=True, file=sys.stderr)  # fmt: skip
         stack.callback(bar.close)
@@ -389,6 +399,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                 step += 1
                 metrics.update({"perf/wait_s": wait_s, "perf/publish_s": time.perf_counter() - t1,
                                 "perf/step_s": time.perf_counter() - t0})  # fmt: skip
+                # Nothing is lost silently: re-issued prompts, failed-over reward requests.
+                for k, v in batch.reward_client.items():
+                    client_totals[k] = client_totals.get(k, 0) + v
+                metrics.update(reward_client_metrics(client_totals, eval_env.verifier))
+                metrics.update(placement.metrics())
                 # 6. Log.
                 log.write("train", step, metrics)
                 rollouts.write("rollouts", step, rollout_record(batch, tokenizer.decode))
@@ -406,7 +421,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                 run_eval(step)
         except KeyboardInterrupt:
             stopper.requested = stopper.requested or "SIGINT"
-        if stopper.requested:
+        except LearnerRankError as exc:  # a dead rank: the group cannot save or go on
+            rank_failure = exc
+            tqdm.write(f"[fipo] {exc}")
+            exit_code = 5
+        if stopper.requested and not rank_failure:
             tqdm.write(f"[fipo] {stopper.requested}: saving a checkpoint at step {step} and "
                        "stopping the workers and the reward server (a second signal aborts "
                        "a running update)")  # fmt: skip
@@ -415,23 +434,31 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         # otherwise leave a half-written checkpoint or orphaned workers).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Neither a half-applied update nor a group with a dead rank is saved: the last
+        # periodic checkpoint is the one to resume from.
+        can_save = not (stopper.forced or rank_failure)
         if stopper.forced:
             tqdm.write("[fipo] second signal: the update in progress was abandoned; the last "
                        "periodic checkpoint is the one to resume from")  # fmt: skip
-        elif step > start_step or not (run_dir / "checkpoints").exists():
+        if can_save and (step > start_step or not (run_dir / "checkpoints").exists()):
             checkpoint(step)
         write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
-        if not stopper.requested:
+        if can_save and not stopper.requested:
             final = run_dir / "final_model"
-            learner.model.save_pretrained(final, state_dict=learner.hf_state_dict())
+            placement.save_model(learner, final)
             tokenizer.save_pretrained(final)
         bar.close()
-    print(f"[fipo] done: {step} steps; run folder {run_dir}", flush=True)
+    if rank_failure:
+        print(f"[fipo] stopped: learner rank {rank_failure.rank} failed after {step} steps; "
+              f"{resume_hint(run_dir)}", flush=True)  # fmt: skip
+    else:
+        print(f"[fipo] done: {step} steps; run folder {run_dir}", flush=True)
     return exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``fipo-train``); returns the exit code."""
+    from trainer.learner_group import LearnerRankError
     from trainer.rollout import RolloutWorkerError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -456,6 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RolloutWorkerError as exc:
         print(f"fipo-train: {exc}", file=sys.stderr)
         return 4
+    except LearnerRankError as exc:  # a rank failed while starting
+        print(f"fipo-train: {exc}", file=sys.stderr)
+        return 5
+    except (ConnectionError, TimeoutError) as exc:  # Ray: not joined, bundles not placed
+        print(f"fipo-train: cluster: {exc}", file=sys.stderr)
+        return 6
     except KeyboardInterrupt:  # a signal during set-up, before there is anything to save
         print("fipo-train: interrupted during set-up; nothing to checkpoint", file=sys.stderr)
         return 130

@@ -9,7 +9,7 @@ to a ``WeightPublisher``. Both are Protocols so that a multi-machine implementat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -68,12 +68,16 @@ class RolloutBatch:
         num_generated_groups: Groups generated to fill this batch (>= len(groups)).
         gen_seconds: Wall time the rollout side spent producing the batch.
         gen_tokens: Response tokens generated for the batch, dropped groups included.
+        reward_client: What the rollout side's reward client did while making the batch
+            (``server.client.ClientStats`` fields: ``requests``, ``retries``,
+            ``failovers``); summed over workers. Empty when the verifier is not a client.
     """
 
     groups: tuple[RolloutGroup, ...]
     num_generated_groups: int
     gen_seconds: float
     gen_tokens: int
+    reward_client: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def min_policy_version(self) -> int:

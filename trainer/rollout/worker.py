@@ -208,6 +208,7 @@ class _Worker:
     def make_batch(self) -> RolloutBatch:
         cfg = self.cfg
         start = time.perf_counter()
+        client_before = self.client_stats()
         kept: list[RolloutGroup] = []
         last: list[RolloutGroup] = []
         generated = tokens = 0
@@ -237,7 +238,14 @@ class _Worker:
             num_generated_groups=generated,
             gen_seconds=time.perf_counter() - start,
             gen_tokens=tokens,
+            reward_client={k: v - client_before[k] for k, v in self.client_stats().items()},
         )
+
+    def client_stats(self) -> dict[str, int]:
+        """The reward client's counters so far (``requests``, ``retries``, ``failovers``);
+        empty when the env scores with something else (a local verifier)."""
+        stats = getattr(getattr(self.venv, "verifier", None), "stats", None)
+        return dict(vars(stats())) if callable(stats) else {}
 
     def make_env(self) -> None:
         import gymnasium as gym
