@@ -227,7 +227,27 @@ def _results(resp: pb.ScoreResponse, n: int) -> list[ScoreResult]:
     return [convert.result_from_pb(r) for r in resp.results]
 
 
-class RewardClient:
+class _CountedClient:
+    """What the sync and the async client report about their addresses and retries."""
+
+    _s: _Settings
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The server addresses this client spreads its requests over."""
+        return self._s.addresses
+
+    @property
+    def failovers(self) -> int:
+        """``Score`` requests re-sent after UNAVAILABLE (see ``ClientStats``)."""
+        return self._s.counters.get().failovers
+
+    def stats(self) -> ClientStats:
+        """Requests, retries and failovers so far (``stats().metrics()`` for logging)."""
+        return self._s.counters.get()
+
+
+class RewardClient(_CountedClient):
     """Blocking client; implements ``Scorer``.
 
     Args:
@@ -261,20 +281,6 @@ class RewardClient:
         else:
             self._channel = grpc.insecure_channel(s.target, options=s.options)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """The server addresses this client spreads its requests over."""
-        return self._s.addresses
-
-    @property
-    def failovers(self) -> int:
-        """``Score`` requests re-sent after UNAVAILABLE (see ``ClientStats``)."""
-        return self._s.counters.get().failovers
-
-    def stats(self) -> ClientStats:
-        """Requests, retries and failovers so far (``stats().metrics()`` for logging)."""
-        return self._s.counters.get()
 
     def score(
         self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
@@ -360,7 +366,7 @@ class RewardClient:
         self.close()
 
 
-class AsyncRewardClient:
+class AsyncRewardClient(_CountedClient):
     """asyncio client: ``await client.ascore(items)``; also a blocking ``Scorer``.
 
     The channel lives on a private event loop in a background thread, so ``ascore`` can be
@@ -387,20 +393,6 @@ class AsyncRewardClient:
         else:
             self._channel = grpc.aio.insecure_channel(s.target, options=s.options)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """The server addresses this client spreads its requests over."""
-        return self._s.addresses
-
-    @property
-    def failovers(self) -> int:
-        """``Score`` requests re-sent after UNAVAILABLE (see ``ClientStats``)."""
-        return self._s.counters.get().failovers
-
-    def stats(self) -> ClientStats:
-        """Requests, retries and failovers so far (``stats().metrics()`` for logging)."""
-        return self._s.counters.get()
 
     async def ascore(
         self, items: Sequence[ScoreItem], *, timeout_s: float | None = None
