@@ -65,6 +65,21 @@ def two_servers(tmp_path):
             stop_process(proc)
 
 
+def _kill_mid_call(client, items, proc, started) -> None:
+    """Score ``items`` in a thread, SIGKILL ``proc`` once ``started()``, and check that every
+    item still got its correct reward."""
+    results: list = []
+    t = threading.Thread(target=lambda: results.extend(client.score(items, timeout_s=120)))
+    t.start()
+    while not started() and t.is_alive():
+        time.sleep(0.01)
+    assert t.is_alive(), "the call ended before the kill; the test needs more items"
+    os.kill(proc.pid, signal.SIGKILL)
+    t.join(timeout=120)
+    assert not t.is_alive()
+    _check(items, results)
+
+
 def test_requests_spread_over_replicas_and_survive_one_dying(two_servers):
     (proc_a, addr_a, metrics_a), (proc_b, addr_b, metrics_b) = two_servers
     kids_b = psutil.Process(proc_b.pid).children(recursive=True)
@@ -80,17 +95,7 @@ def test_requests_spread_over_replicas_and_survive_one_dying(two_servers):
         sent = []
         send = c._send
         c._send = lambda chunk, deadline: sent.append(len(chunk)) or send(chunk, deadline)
-        items = _items(400, start=100)
-        results: list = []
-        t = threading.Thread(target=lambda: results.extend(c.score(items, timeout_s=120)))
-        t.start()
-        while len(sent) < 30 and t.is_alive():
-            time.sleep(0.01)
-        assert t.is_alive(), "the call ended before the kill; the test needs more items"
-        os.kill(proc_b.pid, signal.SIGKILL)
-        t.join(timeout=120)
-        assert not t.is_alive()
-        _check(items, results)
+        _kill_mid_call(c, _items(400, start=100), proc_b, started=lambda: len(sent) >= 30)
 
         stats = c.stats()
         assert stats.failovers > 0
@@ -115,16 +120,6 @@ def test_single_address_behaves_as_before(two_servers):
 def test_async_client_fails_over_too(two_servers):
     (_, addr_a, _), (proc_b, addr_b, metrics_b) = two_servers
     with AsyncRewardClient([addr_a, addr_b], batch_size=2, max_in_flight=2, backoff_s=0.05) as c:
-        items = _items(400)
-        results: list = []
-        t = threading.Thread(target=lambda: results.extend(c.score(items, timeout_s=120)))
-        t.start()
-        while _score_rpcs(metrics_b) < 10 and t.is_alive():
-            time.sleep(0.02)
-        assert t.is_alive(), "the call ended before the kill; the test needs more items"
-        os.kill(proc_b.pid, signal.SIGKILL)
-        t.join(timeout=120)
-        assert not t.is_alive()
-        _check(items, results)
+        _kill_mid_call(c, _items(400), proc_b, started=lambda: _score_rpcs(metrics_b) >= 10)
         stats = c.stats()
         assert stats.failovers > 0 and stats.requests == 200 + stats.failovers
