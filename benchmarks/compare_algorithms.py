@@ -232,21 +232,23 @@ def series(records: list[dict[str, Any]], kind: str, key: str) -> dict[int, floa
     return out
 
 
-def load_runs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """Per algorithm, its runs' records: metrics, rollouts, name, seed."""
+def load_runs(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Per algorithm, its finished runs' records (metrics, rollouts, name, seed), and the
+    planned runs not finished yet (left out: a half-done run would cut every curve short)."""
     runs: dict[str, list[dict[str, Any]]] = {}
+    pending = []
     for alg, seed in planned_runs(args):
         run_dir = Path(args.out) / f"{alg}-s{seed}"
-        if not (run_dir / "metrics.jsonl").is_file():
+        if run_state(run_dir, args.steps) != "done":
+            pending.append(run_dir.name)
             continue
         rollouts_path = run_dir / "rollouts.jsonl"
         rollouts = read_metrics(rollouts_path) if rollouts_path.is_file() else []
         runs.setdefault(alg, []).append({
             "name": run_dir.name, "seed": seed, "metrics": read_metrics(run_dir / "metrics.jsonl"),
             "rollouts": {int(r["step"]): r["groups"] for r in rollouts},
-            "done": run_state(run_dir, args.steps) == "done",
         })  # fmt: skip
-    return runs
+    return runs, pending
 
 
 def spread(runs: list[dict[str, Any]], kind: str, key: str):
@@ -413,9 +415,8 @@ def summary_rows(runs: dict[str, list[dict[str, Any]]], ledger: dict[str, Any]) 
                 acc4.append(float(np.mean([acc[s] for s in sorted(acc)[-4:]])))
         walls = [ledger.get(r["name"], {}).get("wall_s", 0.0) / 60 for r in alg_runs]
         seeds = ",".join(str(r["seed"]) for r in alg_runs)
-        done = sum(r["done"] for r in alg_runs)
         rows.append(
-            f"| {alg} | {done}/{len(alg_runs)} ({seeds}) | {pm(start)} | {pm(final)} | {pm(best)} "
+            f"| {alg} | {len(alg_runs)} ({seeds}) | {pm(start)} | {pm(final)} | {pm(best)} "
             f"| {pm(lens, '.0f')} / {pm(p90, '.0f')} | {pm(acc4)} | {pm(walls, '.1f')} min |"
         )
     return rows
@@ -443,9 +444,9 @@ def sample_lines(runs: dict[str, list[dict[str, Any]]], chars: int = 500) -> lis
 
 def report(args: argparse.Namespace) -> Path:
     """Draw the figures and write ``report.md`` (and the table into ``docs/fipo.md``)."""
-    runs = load_runs(args)
+    runs, pending = load_runs(args)
     if not runs:
-        raise SystemExit(f"[compare] no runs with metrics under {args.out}")
+        raise SystemExit(f"[compare] no finished runs under {args.out}")
     ledger = load_ledger(args.out)
     fig_dir = Path(args.docs) / "figures" if args.docs else Path(args.out)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -471,6 +472,11 @@ def report(args: argparse.Namespace) -> Path:
         "",
         *summary_rows(runs, ledger),
         "",
+        *(
+            [f"Not finished yet (rerun the command to finish them): {', '.join(pending)}.", ""]
+            if pending
+            else []
+        ),
         "Within-group length gap (mean length of correct minus wrong responses, over groups "
         "with both) and accuracy of the longest vs shortest quarter of the budget, early -> "
         "late third of training:",

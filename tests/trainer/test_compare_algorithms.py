@@ -87,12 +87,17 @@ def test_report_draws_figures_and_replaces_its_block_in_the_docs(tmp_path: Path)
     rows = [
         line for line in text.splitlines() if line.startswith("| fipo") or line.startswith("| dapo")
     ]
-    assert len(rows) == 2 and "2/2 (0,1)" in rows[0]
+    assert len(rows) == 2 and "| 2 (0,1) |" in rows[0]
     # Final held-out accuracy 0.1 + 0.02 * 6 = 0.22 in every run; fipo's length grew (the
     # mean of the last two steps: 40 + 4 * 5.5).
     assert "0.220 ± 0.000" in rows[0] and "| 62 ± 0 /" in rows[0] and "| 40 ± 0 /" in rows[1]
     assert "gap +20.0 -> +20.0 tokens" in text
     assert "fipo** (seed 0), early" in text and "\\boxed{42}" in text
-    # A second report replaces the block instead of appending another.
+    # A second report replaces the block instead of appending another; an unfinished run
+    # is named, not averaged into the curves.
+    _write_run(out, "fipo-s2", steps=3, growth=4.0, finished=False)
+    argv[argv.index("0,1")] = "0,1,2"
     assert ca.main(argv) == 0
-    assert (docs / "fipo.md").read_text().count("<!-- compare:begin") == 1
+    text = (docs / "fipo.md").read_text()
+    assert text.count("<!-- compare:begin") == 1
+    assert "Not finished yet (rerun the command to finish them): fipo-s2, dapo-s2." in text
