@@ -13,9 +13,10 @@ Idempotent and resumable: a finished run (its ``final_model`` written, all steps
 is skipped, an interrupted one continues from its last checkpoint with ``trainer.run
 --resume``, so the same command finishes the comparison after a session ends.
 
-What is compared (the CPU default): the multi-step arithmetic levels (two-digit carries,
-products and three-term expressions), a system prompt asking for step-by-step work, a
-256-token budget with DAPO's soft overlong buffer on, G = 8 samples for 8 prompts a step.
+What is compared (the CPU default): arithmetic levels 1-3 (one-digit mixed operations,
+then the multi-step ones: two-digit carries, products and three-term expressions), a
+system prompt asking for step-by-step work, a 256-token budget with DAPO's soft overlong
+buffer on, G = 8 samples for 8 prompts a step, 12 steps (docs/fipo.md has the results).
 ``fipo-nofilter`` is the paper's ablation: FIPO with tokens beyond the dual-clip constant
 still feeding Future-KL (``algorithm.participation_filter=false``).
 """
