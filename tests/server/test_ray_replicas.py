@@ -36,8 +36,12 @@ def _gone(pids: set[int], timeout_s: float = 30.0) -> list[str]:
         for pid in pids:
             try:
                 p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+                cmd = " ".join(p.cmdline())
+                # multiprocessing's resource tracker and forkserver live as long as this
+                # interpreter, by design: not something a test left behind.
+                helper = "resource_tracker" in cmd or "forkserver import main" in cmd
+                if p.status() != psutil.STATUS_ZOMBIE and not helper:
+                    left.append(f"{pid} {cmd[:120]}")
             except psutil.NoSuchProcess:
                 continue
         if not left or time.monotonic() > deadline:
@@ -51,11 +55,12 @@ def local_ray():
     replicas start (Ray's own, its workers and the reward servers), checked gone after."""
     # "local": a new instance of our own, never a cluster another process started here.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    seen: set[int] = set()
     me = psutil.Process()
+    earlier = {p.pid for p in me.children(recursive=True)}  # another module's, or helpers
+    seen: set[int] = set()
 
     def track(extra=()) -> None:
-        seen.update(p.pid for p in me.children(recursive=True))
+        seen.update(p.pid for p in me.children(recursive=True) if p.pid not in earlier)
         seen.update(extra)
 
     try:
@@ -116,9 +121,11 @@ def test_spread_over_two_simulated_nodes():
     from ray.util import placement_group_table
 
     me = psutil.Process()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    earlier = {p.pid for p in me.children(recursive=True)}
+    cluster = Cluster(initialize_head=False)
     seen: set[int] = set()
     try:
+        cluster.add_node(num_cpus=1)  # the head: started inside try, so always shut down
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
@@ -132,6 +139,8 @@ def test_spread_over_two_simulated_nodes():
                 assert _all_ok(client.score(_items(8, start=10), timeout_s=60))
             seen.update(p.pid for p in me.children(recursive=True))
     finally:
+        seen.update(p.pid for p in me.children(recursive=True))
+        seen -= earlier
         ray.shutdown()
         cluster.shutdown()
     left = _gone(seen)

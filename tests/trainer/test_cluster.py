@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from test_engines_support import live_descendants, make_tiny_model  # noqa: E402
+from test_engines_support import kill_all, live_descendants, make_tiny_model  # noqa: E402
 
 from trainer.engines import vllm_available  # noqa: E402
 
@@ -192,18 +192,25 @@ def cluster():
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    earlier = {p.pid for p in live_descendants()}  # e.g. another module's leftovers
+
+    def ours() -> list[psutil.Process]:
+        return [p for p in live_descendants() if p.pid not in earlier]
+
+    c = Cluster(initialize_head=False)
     try:
+        c.add_node(num_cpus=3, include_dashboard=False)  # the head
         c.add_node(num_cpus=3)
         c.wait_for_nodes()
         yield c
     finally:
         c.shutdown()
         deadline = time.monotonic() + 60
-        while live_descendants() and time.monotonic() < deadline:
+        while ours() and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = [(p.pid, " ".join(p.cmdline())[:80]) for p in live_descendants()]
-        assert left == [], f"Ray left processes behind: {left}"
+        left = ours()
+        kill_all(left)
+        assert left == [], f"Ray left processes behind: {[(p.pid, p.name()) for p in left]}"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ does not depend on the model being any good.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -96,6 +97,15 @@ def live_descendants() -> list[psutil.Process]:
             continue
         out.append(p)
     return out
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL what a failed clean-up left, so one leak fails one test and does not leave
+    processes that every later leftover check in the session would count as its own."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
 
 
 def perturb_(model, scale: float = 0.02, seed: int = 0) -> None:

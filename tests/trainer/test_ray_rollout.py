@@ -27,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from test_engines_support import live_descendants  # noqa: E402
+from test_engines_support import kill_all, live_descendants  # noqa: E402
 
 from trainer.config import RolloutConfig  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig, vllm_available  # noqa: E402
@@ -125,8 +125,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     earlier = {p.pid for p in live_descendants()}  # e.g. other modules' servers
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c = Cluster(initialize_head=False)
     try:
+        c.add_node(num_cpus=1, include_dashboard=False)  # the head
         c.add_node(num_cpus=1)
         ray.init(address=c.address, log_to_driver=False)
         c.wait_for_nodes()
@@ -137,8 +138,9 @@ def cluster():
         c.shutdown()
         _, alive = psutil.wait_procs(ours, timeout=30)
         alive += [p for p in live_descendants() if p.pid not in earlier and p not in alive]
-        left = [(p.pid, p.name()) for p in alive if p.is_running()]
-        assert left == [], f"Ray left processes behind: {left}"
+        alive = [p for p in alive if p.is_running()]
+        kill_all(alive)
+        assert alive == [], f"Ray left processes behind: {[(p.pid, p.name()) for p in alive]}"
 
 
 @pytest.fixture(scope="module")
