@@ -267,11 +267,18 @@ def spread(runs: list[dict[str, Any]], kind: str, key: str):
     return np.array(steps), values.mean(0), values.min(0), values.max(0)
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on a server)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    plt = _pyplot()
 
     cols = 3
     rows = -(-len(CURVES) // cols)
@@ -300,10 +307,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def plot_lengths(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """The whole response-length distribution per step: p10-p90 band, p50 line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), squeeze=False,
                              sharey=True)  # fmt: skip
@@ -361,10 +365,7 @@ def length_accuracy(alg_runs: list[dict[str, Any]], edges: list[int]):
 
 
 def plot_length_accuracy(runs, edges: list[int], path: Path) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), squeeze=False,
                              sharey=True)  # fmt: skip
