@@ -1,7 +1,7 @@
 """The Ray placement on this machine: rollout tokens/s and learner step time for 1 vs 2
 Ray workers / ranks, and the Ray path's per-step overhead against the single-machine one.
 
-Three parts, each with its baseline measured in the same run:
+Four parts, each with its baseline measured in the same run:
 
 1. **Rollout**: tokens/s of one ``ProcessRolloutSource`` (no Ray), then a
    ``RayRolloutSource`` with 1 and with 2 workers, on the same settings (HF engine by
@@ -9,7 +9,10 @@ Three parts, each with its baseline measured in the same run:
 2. **Learner**: seconds per ``update`` of one in-process ``Learner`` (no Ray), then a
    ``RayLearnerGroup`` of 1 and of 2 gloo ranks, on one batch from part 1 with random
    advantages (so every mini-batch steps).
-3. **Step**: ``python -m trainer.run`` with the default run's settings (vLLM where
+3. **Publish**: seconds to get the learner's weights served by one rollout worker: the
+   single-machine path, Ray through the driver (the path before ``weights_ref``), and Ray
+   by reference (rank 0 casts to the engine dtype and puts; the worker fetches).
+4. **Step**: ``python -m trainer.run`` with the default run's settings (vLLM where
    installed), eval and checkpoints off, once on the single-machine path and once with
    ``cluster.address=local`` (1 worker, 1 replica, 1 rank): median seconds per step after
    ``--warmup`` steps, and the ratio (target <= 1.10).
@@ -17,7 +20,8 @@ Three parts, each with its baseline measured in the same run:
 On the 2-core development machine two workers or ranks share the same two cores as
 everything else: expect no speed-up; the figures show what the Ray layer costs.
 
-    python benchmarks/bench_scale.py                      # all three parts
+    python benchmarks/bench_scale.py                      # all four parts
+    python benchmarks/bench_scale.py --parts publish --repeats 5
     python benchmarks/bench_scale.py --parts step --steps 5
 """
 
@@ -129,6 +133,57 @@ def bench_learner(args: argparse.Namespace, cfg, model_dir: Path, batch):
     return results
 
 
+def bench_publish(args: argparse.Namespace, cfg, model_dir: Path, address: str, out: Path):
+    """Seconds per weight publish (learner -> one rollout worker serving them), median of
+    ``args.repeats``: single machine; Ray through the driver (rank 0's ``hf_state_dict``
+    fetched here, then ``ray.put``); Ray by reference (``weights_ref``: rank 0 casts and
+    puts, the worker fetches, the driver never holds the tensors)."""
+    import torch
+
+    from fipo_env.models import load_tokenizer
+    from trainer.learner import Learner, build_loss_config
+    from trainer.learner_group import RayLearnerGroup
+    from trainer.rollout import ProcessRolloutSource, RayRolloutSource, rollout_worker_config
+
+    tok = load_tokenizer(model_dir)
+    pad = tok.pad_token_id or 0
+    loss = build_loss_config(cfg.algorithm)
+    wcfg = rollout_worker_config(cfg, model_dir, address, log_file=out / "publish.log")
+    wcfg = dataclasses.replace(wcfg, engine=dataclasses.replace(wcfg.engine, cpu_threads=1))
+    dtype = wcfg.engine.resolved_dtype()
+    results = {}
+    layouts = (
+        ("single machine", False, lambda lrn, src: src.publish(lrn.hf_state_dict(), lrn.version)),
+        ("Ray, via the driver", True, lambda lrn, src: src.publish(lrn.hf_state_dict(), lrn.version)),
+        ("Ray, by reference", True, lambda lrn, src: src.publish(lrn.weights_ref(dtype), lrn.version)),
+    )  # fmt: skip
+    for name, on_ray, publish in layouts:
+        if on_ray:
+            learner = RayLearnerGroup(cfg, model_dir, loss, pad, ranks=1)
+            source = RayRolloutSource(wcfg, num_workers=1, autostart=False)
+        else:
+            torch.set_num_threads(1)
+            learner = Learner(cfg, model_dir, loss, pad_id=pad)
+            source = ProcessRolloutSource(wcfg, autostart=False)
+        try:
+            source.wait_ready(timeout_s=900)
+            times = []
+            for v in range(1, args.repeats + 2):  # the first one warms up
+                learner.version = v  # the same weights each time: only the transfer is timed
+                t0 = time.perf_counter()
+                publish(learner, source)
+                times.append(time.perf_counter() - t0)
+        finally:
+            source.close()
+            if on_ray:
+                learner.close()
+            del learner
+        results[name] = {"publish_s": statistics.median(times[1:]), "times": times}
+        print(f"  publish {name:20s} {statistics.median(times[1:]):6.2f} s (median of "
+              f"{len(times) - 1}, {dtype} on the wire)", flush=True)  # fmt: skip
+    return results
+
+
 def bench_step(args: argparse.Namespace, out: Path):
     """Median step time of the default run's step: single machine vs Ray (1/1/1)."""
     results = {}
@@ -164,7 +219,7 @@ def bench_step(args: argparse.Namespace, out: Path):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="rollout,learner,step")
+    p.add_argument("--parts", default="rollout,learner,publish,step")
     p.add_argument("--model", default="default")
     p.add_argument("--engine", default="hf", help="rollout part's engine (hf | vllm)")
     p.add_argument("--prompts", type=int, default=4)
@@ -190,7 +245,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {"load_start": list(os.getloadavg())}
 
-    if parts & {"rollout", "learner"}:
+    if parts & {"rollout", "learner", "publish"}:
         import ray
 
         from server.launch import start_reward_server, stop_process, wait_reward_server
@@ -205,10 +260,11 @@ def main() -> int:
             print(f"rollout: {args.prompts} prompts x {args.group_size} samples, <= "
                   f"{args.max_tokens} tokens, {args.batches} batches, engine {args.engine}, "
                   "1 thread per worker", flush=True)  # fmt: skip
-            results["rollout"], batch = bench_rollout(args, cfg, model_dir, address, out)
-            base = results["rollout"]["process (no Ray)"]["tokens_per_s"]
-            for name, r in results["rollout"].items():
-                print(f"    {name:18s} {r['tokens_per_s'] / base:5.2f}x the process baseline")
+            if parts & {"rollout", "learner"}:
+                results["rollout"], batch = bench_rollout(args, cfg, model_dir, address, out)
+                base = results["rollout"]["process (no Ray)"]["tokens_per_s"]
+                for name, r in results["rollout"].items():
+                    print(f"    {name:18s} {r['tokens_per_s'] / base:5.2f}x the process baseline")
             if "learner" in parts:
                 print(f"learner: one batch of {len(batch.groups)} x {args.group_size} "
                       "sequences, default learner settings, 1 thread per rank", flush=True)  # fmt: skip
@@ -216,6 +272,13 @@ def main() -> int:
                 base = results["learner"]["in-process (no Ray)"]["update_s"]
                 for name, r in results["learner"].items():
                     print(f"    {name:20s} {r['update_s'] / base:5.2f}x the in-process time")
+            if "publish" in parts:
+                print("publish: the model's weights, learner -> 1 rollout worker (HF engine), "
+                      f"{args.repeats} times after one warm-up", flush=True)  # fmt: skip
+                results["publish"] = bench_publish(args, cfg, model_dir, address, out)
+                base = results["publish"]["single machine"]["publish_s"]
+                for name, r in results["publish"].items():
+                    print(f"    {name:20s} {r['publish_s'] / base:5.2f}x the single machine")
         finally:
             with contextlib.suppress(Exception):
                 ray.shutdown()

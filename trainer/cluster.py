@@ -207,6 +207,11 @@ class RayPlacement:
         self._closers.append(self.source.close)
         return self.source
 
+    def publish(self, learner: RayLearnerGroup, source: RayRolloutSource) -> None:
+        """Rank 0 casts the weights to the engine's dtype and puts them into Ray's object
+        store; the rollout actors fetch them from there (never through this process)."""
+        source.publish(learner.weights_ref(source.cfg.engine.resolved_dtype()), learner.version)
+
     def metrics(self) -> dict[str, float]:
         """``rollout/reissued_prompts`` and ``rollout/worker_restarts`` (run totals)."""
         return self.source.metrics() if self.source is not None else {}

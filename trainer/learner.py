@@ -481,14 +481,24 @@ class Learner:
 
     # --- weights and state ----------------------------------------------------------
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under HF parameter names, detached, on CPU; tied tensors cloned."""
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Weights under HF parameter names, detached, on CPU; tied tensors cloned.
+
+        Args:
+            dtype: Cast floating-point tensors to it (on the model's device, before the
+                copy to CPU): the rollout engine's dtype, so a bf16 engine is sent half the
+                bytes. ``None`` keeps the training dtype.
+        """
         seen: dict[int, str] = {}
         out: dict[str, torch.Tensor] = {}
         for name, tensor in self.model.state_dict().items():
-            t = tensor.detach().cpu()
+            t = tensor.detach()
             ptr = t.untyped_storage().data_ptr()
-            out[name] = t.clone() if ptr in seen else t
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)  # a new tensor: nothing shared with the model
+            elif ptr in seen:
+                t = t.clone()
+            out[name] = t.cpu()
             seen.setdefault(ptr, name)
         return out
 

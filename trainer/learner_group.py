@@ -12,7 +12,7 @@ does not branch on the placement)::
     group = RayLearnerGroup(cfg, model_dir, loss_config, pad_id, ranks=2)
     try:
         metrics = group.update(batch, advantages)   # the batch is ray.put once
-        publisher.publish(group.hf_state_dict(), group.version)
+        source.publish(group.weights_ref("bfloat16"), group.version)  # never via the driver
         save_checkpoint(run_dir, step, group.state_dict(), ...)
     except LearnerRankError as exc:                 # a rank died: stop, resume later
         print(f"learner rank {exc.rank} failed; resume from the last checkpoint")
@@ -114,6 +114,16 @@ class _LearnerRank:
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return self.learner.hf_state_dict()
+
+    def put_weights(self, dtype: str | None) -> list:
+        """The weights (cast to ``dtype``) put into Ray's object store by this rank.
+
+        The reference comes back inside a list, so the driver receives the reference and
+        not the tensors (Ray resolves only top-level arguments and return values).
+        """
+        import ray
+
+        return [ray.put(self.learner.hf_state_dict(getattr(torch, dtype) if dtype else None))]
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
@@ -269,6 +279,20 @@ class RayLearnerGroup:
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Rank 0's weights under HF names (every rank holds the same)."""
         return self._gather([self.actors[0].hf_state_dict.remote()])[0]
+
+    def weights_ref(self, dtype: str | None = None):
+        """Rank 0's weights under HF names, cast to ``dtype``, as a Ray object reference.
+
+        What ``RayRolloutSource.publish`` takes: rank 0 casts (a bf16 engine gets half the
+        bytes) and puts the tensors into its node's object store, and each rollout actor
+        fetches them from there; the driver never holds them (``hf_state_dict`` would
+        copy them into the driver, then ``publish`` would put them back: two more copies
+        of the weights per step, measured in ``benchmarks/bench_scale.py --parts publish``).
+
+        Raises:
+            LearnerRankError: Rank 0 died or failed.
+        """
+        return self._gather([self.actors[0].put_weights.remote(dtype)])[0][0]
 
     def state_dict(self) -> dict[str, Any]:
         """Rank 0's ``Learner.state_dict`` (the ranks are replicas): a checkpoint."""

@@ -124,6 +124,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+#: Counters a run reports as totals since its start; each process counts from 0.
+RUN_TOTALS = (
+    "reward/client_requests",
+    "reward/client_retries",
+    "reward/client_failovers",
+    "rollout/reissued_prompts",
+    "rollout/worker_restarts",
+)
+
+
+def carried_totals(path: str | Path, step: int) -> dict[str, float]:
+    """The run totals (``RUN_TOTALS``) logged at the last training step <= ``step``: what
+    a resumed run adds to its own counts, so the logged totals stay the run's."""
+    if not Path(path).exists():
+        return {}
+    rows = [r for r in read_metrics(path) if r.get("kind") == "train" and r["step"] <= step]
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {k: float(last[k]) for k in RUN_TOTALS if last.get(k) is not None}
+
+
 def write_plots(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Render every plot of :data:`PLOTS` that has data; returns the files written."""
     import matplotlib

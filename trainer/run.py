@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from trainer.learner_group import LearnerRankError
     from trainer.loggers import check_installed, make_sinks, parse_loggers
     from trainer.placement import make_placement
-    from trainer.plots import MetricsLog, write_plots
+    from trainer.plots import MetricsLog, carried_totals, write_plots
     from trainer.rollout import rollout_worker_config
 
     stopper = _Stopper()
@@ -332,6 +332,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         generator = SourceGreedyGenerator(source, eval_env.stop_ids)
         sinks = make_sinks(parse_loggers(cfg.run.loggers), run_dir, cfg.to_dict(),
                            resume_step=start_step if resume else None)  # fmt: skip
+        # Totals counted before an interruption (this process counts from 0 again).
+        carried = carried_totals(run_dir / "metrics.jsonl", start_step) if resume else {}
         log = MetricsLog(run_dir / "metrics.jsonl", sinks=sinks,
                          truncate_after_step=start_step if resume else None)  # fmt: skip
         stack.callback(log.close)
@@ -395,7 +397,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                 metrics.update(learner.update(batch, advantages))
                 # Publish the new policy to the engine (the rollout side may run ahead).
                 t1 = time.perf_counter()
-                source.publish(learner.hf_state_dict(), learner.version)
+                placement.publish(learner, source)
                 step += 1
                 metrics.update({"perf/wait_s": wait_s, "perf/publish_s": time.perf_counter() - t1,
                                 "perf/step_s": time.perf_counter() - t0})  # fmt: skip
@@ -404,6 +406,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                     client_totals[k] = client_totals.get(k, 0) + v
                 metrics.update(reward_client_metrics(client_totals, eval_env.verifier))
                 metrics.update(placement.metrics())
+                for k, v in carried.items():
+                    metrics[k] = metrics.get(k, 0.0) + v
                 # 6. Log.
                 log.write("train", step, metrics)
                 rollouts.write("rollouts", step, rollout_record(batch, tokenizer.decode))

@@ -321,3 +321,10 @@ def test_hf_state_dict_unties_shared_tensors(tiny_model_dir: Path) -> None:
     sd = learner.hf_state_dict()
     ptrs = [t.untyped_storage().data_ptr() for t in sd.values()]
     assert len(ptrs) == len(set(ptrs))
+    # Cast for the engine: every float tensor in bf16, none sharing the model's memory.
+    cast = learner.hf_state_dict(torch.bfloat16)
+    assert cast.keys() == sd.keys()
+    params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
+    for name, t in cast.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, sd[name].to(torch.bfloat16)), name
+        assert t.untyped_storage().data_ptr() not in params, name

@@ -104,6 +104,13 @@ def test_ray_group_matches_one_learner_and_a_killed_rank_stops_cleanly(
             w2 = group.hf_state_dict()
             for k in w1:
                 torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+            # What a publish sends: rank 0's weights in the engine dtype, by reference.
+            ref = group.weights_ref("bfloat16")
+            assert isinstance(ref, ray.ObjectRef)
+            sent = ray.get(ref)
+            assert sent.keys() == w2.keys()
+            for k, v in sent.items():
+                assert v.dtype == torch.bfloat16 and torch.equal(v, w2[k].to(torch.bfloat16)), k
             checkpoint = group.state_dict()
 
             ray.kill(group.actors[1])

@@ -10,7 +10,7 @@ import pytest
 
 from trainer.config import ConfigError, parse_args
 from trainer.loggers import check_installed, make_sinks, parse_loggers
-from trainer.plots import MetricsLog
+from trainer.plots import MetricsLog, carried_totals
 
 
 def read_events(path: Path) -> list:
@@ -67,6 +67,25 @@ def test_resume_drops_the_interrupted_tail(tmp_path: Path) -> None:
     events = read_events(newest)
     assert any(e.session_log.status == e.session_log.START and e.step == 3 for e in events)
     assert any(v.simple_value == 30.0 for e in events for v in e.summary.value)
+
+
+def test_a_resumed_run_carries_its_totals_from_the_checkpoint_step(tmp_path: Path) -> None:
+    """Counters logged as run totals continue after --resume instead of restarting at 0."""
+    path = tmp_path / "m.jsonl"
+    assert carried_totals(path, 2) == {}  # no log yet
+    log = MetricsLog(path)
+    log.write("eval", 0, {"eval/accuracy": 0.5})
+    for step in (1, 2, 3):
+        log.write("train", step, {"reward/client_requests": 10.0 * step,
+                                  "rollout/reissued_prompts": float(step),
+                                  "reward/mean": 0.1})  # fmt: skip
+    log.write("eval", 2, {"eval/accuracy": 0.6})
+    log.close()
+    assert carried_totals(path, 2) == {
+        "reward/client_requests": 20.0,
+        "rollout/reissued_prompts": 2.0,
+    }  # step 3 is after the checkpoint; reward/mean is not a total
+    assert carried_totals(path, 0) == {}
 
 
 def test_bad_or_missing_loggers_are_clear_errors() -> None:

@@ -136,6 +136,8 @@ def test_smoke_two_steps_then_resume(tmp_path: Path) -> None:
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    # Run totals continue from the checkpoint (the new process counts from 0).
+    assert train[2]["reward/client_requests"] > train[1]["reward/client_requests"] > 0
     # One rollouts.jsonl record per step (the resumed process keeps steps 1-2, adds 3).
     rollouts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rollouts] == [1, 2, 3]

@@ -87,7 +87,8 @@ class RayRolloutSource:
             ``RolloutWorkerError``; also each actor's Ray ``max_restarts``. Default
             ``cfg.max_restarts``.
         initial_version: The learner's policy version now (as for ``ProcessRolloutSource``).
-        initial_weights: State dict to serve instead of the model directory's.
+        initial_weights: State dict to serve instead of the model directory's (tensors,
+            or a reference to them in Ray's object store, as ``publish`` takes).
         autostart: Produce batches at once, or from the first ``next_batch``.
         address: Only when Ray is not initialised yet: ``None`` starts a local Ray
             instance, ``"auto"`` or ``"host:port"`` joins a running cluster; that Ray
@@ -114,7 +115,7 @@ class RayRolloutSource:
         strategy: PlacementStrategy = "PACK",
         max_worker_failures: int | None = None,
         initial_version: int = 0,
-        initial_weights: Mapping[str, torch.Tensor] | None = None,
+        initial_weights: Mapping[str, torch.Tensor] | ObjectRef | None = None,
         autostart: bool = True,
         address: str | None = None,
     ) -> None:
@@ -156,7 +157,7 @@ class RayRolloutSource:
             ray.init(address=address, include_dashboard=False)
         atexit.register(self.close)
         try:
-            self._weights_ref = None if initial_weights is None else self._put(initial_weights)
+            self._weights_ref = None if initial_weights is None else self._ref(initial_weights)
             self._place(num_workers, cpus_per_worker, gpus_per_worker, strategy)
             ray.get([self._open(i) for i in range(num_workers)])
         except BaseException:
@@ -280,11 +281,14 @@ class RayRolloutSource:
         self.last_batch_workers = tuple(i for i, b in enumerate(batches) for _ in b.groups)
         return merge_batches(batches)
 
-    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    def publish(self, state_dict: Mapping[str, torch.Tensor] | ObjectRef, version: int) -> None:
         """Make ``state_dict`` (HF names) policy ``version`` of every worker's engine.
 
-        One ``ray.put`` (CPU tensors, in the engine's dtype when it is explicit); returns
-        once every engine serves it. A worker that dies meanwhile is reopened with it.
+        ``state_dict`` is either the tensors (put into Ray's object store once: CPU, in
+        the engine's dtype when it is explicit) or a reference to them already there
+        (``RayLearnerGroup.weights_ref``: rank 0 put them, and they never pass through
+        this process). Returns once every engine serves it. A worker that dies meanwhile
+        is reopened with it.
 
         Raises:
             ValueError: ``version`` is not newer than the current one.
@@ -296,7 +300,7 @@ class RayRolloutSource:
             raise ValueError(
                 f"publish(version={version}): versions must increase (current {self._version})"
             )
-        ref = self._put(state_dict)
+        ref = self._ref(state_dict)
         # Set before the calls: a worker reopened meanwhile starts from these weights.
         self._weights_ref, self._version = ref, int(version)
         # A worker reopened meanwhile already serves it: it is not asked again.
@@ -400,9 +404,13 @@ class RayRolloutSource:
         if self._closed:
             raise RuntimeError("RayRolloutSource is closed")
 
-    def _put(self, state_dict: Mapping[str, torch.Tensor]) -> ObjectRef:
-        """One object-store copy of the weights, on CPU, in the engine's dtype if explicit."""
+    def _ref(self, weights: Mapping[str, torch.Tensor] | ObjectRef) -> ObjectRef:
+        """One object-store copy of the weights, on CPU, in the engine's dtype if explicit
+        (a reference is taken as it is)."""
         ray = _ray()
+        if isinstance(weights, ray.ObjectRef):
+            return weights
+        state_dict = weights
         dtype = self.cfg.engine.dtype
         target = getattr(torch, dtype) if dtype != "auto" else None
         cpu = {}
