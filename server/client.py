@@ -129,9 +129,12 @@ class _Settings:
         backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        keepalive_s: float = 10.0,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError("batch_size, max_in_flight >= 1, max_retries >= 0, timeout_s > 0")
+        if keepalive_s < 0:
+            raise ValueError(f"keepalive_s must be >= 0 (0 = off), got {keepalive_s}")
         self.addresses = parse_addresses(address)
         self.address = ",".join(self.addresses)
         self.target = grpc_target(self.addresses)
@@ -154,6 +157,18 @@ class _Settings:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if keepalive_s > 0:
+            # While calls are in flight, ping every keepalive_s; a replica that does not
+            # answer within as long (hung, stopped, its machine gone) has its connection
+            # closed: its calls fail UNAVAILABLE and are re-sent (failover), instead of
+            # waiting for the deadline. The server accepts pings this often (service.py).
+            ms = max(1000, int(keepalive_s * 1000))
+            self.options += [
+                ("grpc.keepalive_time_ms", ms),
+                ("grpc.keepalive_timeout_ms", ms),
+                ("grpc.keepalive_permit_without_calls", 0),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
         if len(self.addresses) > 1:
             self.options.append(("grpc.service_config", ROUND_ROBIN))
             host = split_host_port(self.addresses[0])[0]
@@ -267,6 +282,10 @@ class RewardClient(_CountedClient):
         backoff_s: First back-off; doubles per retry, with jitter.
         max_backoff_s: Back-off cap.
         max_message_bytes: Largest message sent or received.
+        keepalive_s: While calls are in flight, ping the server this often and give up
+            on a connection whose ping is not answered within as long: a hung replica's
+            requests then fail over instead of waiting for the deadline (0 = off; our
+            server accepts pings every second or more).
 
     Raises:
         ValueError: The address list is empty, an address is malformed or a host name

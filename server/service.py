@@ -331,6 +331,11 @@ class RewardServer:
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
+                # Clients ping while their calls run (``RewardClient(keepalive_s=...)``);
+                # a verification can send nothing for seconds, so accept pings without
+                # data down to 1 s apart instead of answering them with GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.max_ping_strikes", 0),
             ],
             maximum_concurrent_rpcs=config.grpc_threads * 4,
         )

@@ -123,3 +123,34 @@ def test_async_client_fails_over_too(two_servers):
         _kill_mid_call(c, _items(400), proc_b, started=lambda: _score_rpcs(metrics_b) >= 10)
         stats = c.stats()
         assert stats.failovers > 0 and stats.requests == 200 + stats.failovers
+
+
+def test_a_hung_replica_is_failed_over_by_keepalive(two_servers):
+    """A replica that stops answering (SIGSTOP: connected, silent) must not hold its
+    requests until the deadline: the client's keepalive ping goes unanswered, the
+    connection is closed, and its requests are re-sent to the live replica."""
+    (_, addr_a, _), (proc_b, addr_b, metrics_b) = two_servers
+    c = RewardClient(f"{addr_a},{addr_b}", batch_size=2, max_in_flight=2, backoff_s=0.05,
+                     keepalive_s=1.0)  # fmt: skip
+    stopped = []
+    try:
+        items = _items(400, start=1000)
+        results: list = []
+        t0 = time.monotonic()
+        t = threading.Thread(target=lambda: results.extend(c.score(items, timeout_s=120)))
+        t.start()
+        while _score_rpcs(metrics_b) < 10 and t.is_alive():
+            time.sleep(0.01)
+        assert t.is_alive(), "the call ended before the replica hung; it needs more items"
+        os.kill(proc_b.pid, signal.SIGSTOP)
+        stopped.append(proc_b)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        # Well before the 120 s deadline: a few keepalive periods plus the work.
+        assert time.monotonic() - t0 < 90
+        _check(items, results)
+        assert c.stats().failovers > 0
+    finally:
+        c.close()
+        for proc in stopped:
+            os.kill(proc.pid, signal.SIGCONT)
