@@ -248,8 +248,29 @@ def load_runs(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]]
         runs.setdefault(alg, []).append({
             "name": run_dir.name, "seed": seed, "metrics": read_metrics(run_dir / "metrics.jsonl"),
             "rollouts": {int(r["step"]): r["groups"] for r in rollouts},
+            "machine": run_machine(run_dir),
         })  # fmt: skip
     return runs, pending
+
+
+def run_machine(run_dir: Path) -> str:
+    """The CPU a run trained on, from the precision line its ``config.yaml`` starts with
+    (written by ``trainer.run`` on the machine that ran it, so a report drawn elsewhere
+    still says where each run came from)."""
+    config = run_dir / "config.yaml"
+    first = config.read_text().split("\n", 1)[0] if config.is_file() else ""
+    return first.removeprefix("# precision: ").strip() if first.startswith("# precision:") else "?"
+
+
+def machines_line(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """``Runs made on: <cpu> (n runs); ...`` over every finished run."""
+    from collections import Counter
+
+    count = Counter(r["machine"] for rs in runs.values() for r in rs)
+    return "Runs made on: " + "; ".join(
+        f"{m if m != '?' else 'machine not recorded'} ({n} run{'s' if n > 1 else ''})"
+        for m, n in count.most_common()
+    )
 
 
 def spread(runs: list[dict[str, Any]], kind: str, key: str):
@@ -467,7 +488,8 @@ def report(args: argparse.Namespace) -> Path:
         "<!-- compare:begin (written by benchmarks/compare_algorithms.py; edit the prose "
         "outside these markers) -->",
         f"Command: `python benchmarks/compare_algorithms.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Report drawn on this {describe_machine()}; 1-minute load while the runs ran: "
+        machines_line(runs) + f". Report drawn on this {describe_machine()}; 1-minute "
+        "load while the runs ran: "
         + (
             f"median {sorted(loads)[len(loads) // 2]:.1f}, max {max(loads):.1f}" if loads else "n/a"
         ),

@@ -318,8 +318,9 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         engine_start_s = time.perf_counter() - t_engine
         if source.engine_note:
             print(f"[fipo] warning: {source.engine_note}", flush=True)
+        worker_log = "rollout_worker.<i>.log" if cfg.cluster.enabled else "rollout_worker.log"
         print(f"[fipo] rollout engine {source.engine_kind} ready in {engine_start_s:.0f} s (its log: "
-              f"{run_dir / 'rollout_worker.log'})", flush=True)  # fmt: skip
+              f"{run_dir / worker_log})", flush=True)  # fmt: skip
         busy_threads = torch.get_num_threads()
         idle_threads = cfg.model.idle_threads or len(os.sched_getaffinity(0))
         if idle_threads != busy_threads and not cfg.cluster.enabled:  # all cores while it waits

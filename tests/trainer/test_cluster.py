@@ -239,6 +239,7 @@ def test_two_nodes_two_steps_evaluates_checkpoints_then_resumes(
         "rollout_worker.0.log",
         "rollout_worker.1.log",
     ]
+    assert f"(its log: {run_dir / 'rollout_worker.<i>.log'})" in result.stdout
     assert len(list((run_dir / "fipo-reward-replicas").glob("replica-*.log"))) == 2
     from transformers import AutoModelForCausalLM
 
@@ -249,8 +250,11 @@ def test_two_nodes_two_steps_evaluates_checkpoints_then_resumes(
     assert result.returncode == 0, log_of(result)
     assert ours_left() == []
     assert "resumed at step 2 (policy version 2)" in result.stdout
-    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    # Totals continue from the checkpoint step (the new driver counts from 0).
+    assert train[2]["reward/client_requests"] > train[1]["reward/client_requests"]
 
 
 @pytest.mark.slow

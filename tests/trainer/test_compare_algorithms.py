@@ -38,6 +38,9 @@ def _write_run(out: Path, name: str, steps: int, growth: float, finished: bool =
         rollouts.append({"kind": "rollouts", "step": step, "groups": groups})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    (run / "config.yaml").write_text(
+        "# precision: CPU capability AVX2 without native bf16\nmodel: {}\n"
+    )
     if finished:
         (run / "final_model").mkdir()
         (run / "final_model" / "config.json").write_text("{}")
@@ -92,6 +95,7 @@ def test_report_draws_figures_and_replaces_its_block_in_the_docs(tmp_path: Path)
     # mean of the last two steps: 40 + 4 * 5.5).
     assert "0.220 ± 0.000" in rows[0] and "| 62 ± 0 /" in rows[0] and "| 40 ± 0 /" in rows[1]
     assert "gap +20.0 -> +20.0 tokens" in text
+    assert "Runs made on: CPU capability AVX2 without native bf16 (4 runs). Report drawn" in text
     assert "fipo** (seed 0), early" in text and "\\boxed{42}" in text
     # A second report replaces the block instead of appending another; an unfinished run
     # is named, not averaged into the curves.
