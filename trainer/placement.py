@@ -51,6 +51,12 @@ class Placement(Protocol):
         """The rollout side, not producing batches until the first ``next_batch``."""
         ...
 
+    def publish(
+        self, learner: Learner | RayLearnerGroup, source: ProcessRolloutSource | RayRolloutSource
+    ) -> None:
+        """Make the learner's weights (at ``learner.version``) what the rollout side serves."""
+        ...
+
     def metrics(self) -> dict[str, float]:
         """Run totals the placement adds to each step's metrics (re-issued prompts...)."""
         ...
@@ -103,6 +109,9 @@ class LocalPlacement:
         )
         self._closers.append(source.close)
         return source
+
+    def publish(self, learner: Learner, source: ProcessRolloutSource) -> None:
+        source.publish(learner.hf_state_dict(), learner.version)
 
     def metrics(self) -> dict[str, float]:
         return {}

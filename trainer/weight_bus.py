@@ -213,6 +213,13 @@ class WeightBus:
         bus._group = _new_group(store, rank, spec)
         return bus
 
+    @staticmethod
+    def cancel(spec: BusSpec, rank: int, reason: str) -> None:
+        """Mark ``rank`` as failed (e.g. its process died), so the members waiting for it
+        at join stop at once, naming ``reason``, instead of at the timeout."""
+        store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=10))
+        store.set(f"failed/{rank}", reason)
+
     def _await_members(self) -> None:
         spec, deadline = self.spec, time.monotonic() + self.spec.timeout_s
         while True:
@@ -293,11 +300,12 @@ class WeightBus:
                 yield spec.name, raw.view(spec.torch_dtype).view(spec.shape)
 
     def close(self) -> None:
-        """Leave the bus (rank 0 also stops its store); idempotent."""
+        """Leave the bus (rank 0 also stops its store); idempotent. Dropping the group
+        closes its connections: a peer blocked in a collective on it fails at once."""
         group, self._group, self._store = self._group, None, None
-        if group is not None and hasattr(group, "shutdown"):
-            with contextlib.suppress(RuntimeError):  # a peer already gone: nothing to release
-                group.shutdown()
+        if group is not None and self.spec.backend == "nccl":
+            with contextlib.suppress(RuntimeError):  # frees the communicator's resources
+                group.abort()
 
     # ------------------------------------------------------------------ internals
 
@@ -312,7 +320,13 @@ class WeightBus:
     def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self._group.broadcast([tensor], opts).wait()
+        try:
+            self._group.broadcast([tensor], opts).wait()
+        except RuntimeError:
+            # A member died: leave, so the others fail now rather than at the timeout
+            # (gloo's tree would keep them waiting for data that will not come).
+            self.close()
+            raise
 
 
 def _misfit(

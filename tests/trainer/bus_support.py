@@ -26,16 +26,22 @@ def sample_state_dict(scale: float = 1.0) -> dict[str, torch.Tensor]:
 def receiver_main(spec, rank: int, versions: list[int], results) -> None:
     """Join ``spec``'s bus as ``rank``, receive each of ``versions`` and put
     ``(rank, version, torch.save'd {name: tensor})`` on ``results`` (bytes: a tensor
-    put on a queue as is would be shared memory that dies with this process)."""
+    put on a queue as is would be shared memory that dies with this process); also
+    ``(rank, 0, "joined")`` first, and ``(rank, version, "error: ...")`` to end early."""
     import io
 
     from trainer.weight_bus import WeightBus
 
     bus = WeightBus.join(spec, rank)
+    results.put((rank, 0, "joined"))
     try:
         for version in versions:
             buf = io.BytesIO()
-            torch.save({name: t.clone() for name, t in bus.receive(version)}, buf)
+            try:
+                torch.save({name: t.clone() for name, t in bus.receive(version)}, buf)
+            except RuntimeError as exc:
+                results.put((rank, version, f"error: {exc}"))
+                return
             results.put((rank, version, buf.getvalue()))
     finally:
         bus.close()

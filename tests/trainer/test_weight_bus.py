@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,10 @@ def test_one_sender_two_receiver_processes_get_every_tensor_bit_equal():
         bus.send(v1, version=1)
         bus.send(v2, version=2)
         got = {}
-        for _ in range(4):
+        for _ in range(6):
             rank, version, saved = results.get(timeout=120)
-            got[rank, version] = torch.load(io.BytesIO(saved))
+            if version:
+                got[rank, version] = torch.load(io.BytesIO(saved))
         for p in procs:
             p.join(60)
             assert p.exitcode == 0
@@ -82,6 +84,43 @@ def test_one_sender_two_receiver_processes_get_every_tensor_bit_equal():
             r = tensors[name]
             assert r.dtype == t.dtype and r.shape == t.shape, name
             assert torch.equal(r.view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)), name
+    assert live_descendants() == []
+
+
+def test_a_dead_receiver_fails_the_publish_at_once_for_every_member():
+    """A receiver killed between publishes: the sender's broadcast fails, and it leaves
+    the bus, so the surviving receiver fails within seconds, not at the 120 s timeout
+    (gloo's tree would keep it waiting for data that will not come)."""
+    sd = sample_state_dict()
+    bus = WeightBus.serve(make_manifest(sd), receivers=2, timeout_s=120, bucket_bytes=BUCKET)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=receiver_main, args=(bus.spec, rank, [1], results)) for rank in (1, 2)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        bus.wait_joined()
+        assert [results.get(timeout=120)[2] for _ in procs] == ["joined", "joined"]
+        procs[1].kill()  # rank 2
+        procs[1].join(30)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="[Cc]onnection"):
+            bus.send(sd, version=1)
+        rank, version, outcome = results.get(timeout=60)
+        assert (rank, version) == (1, 1) and outcome.startswith("error: ")
+        assert time.monotonic() - start < 30
+        procs[0].join(30)
+        assert procs[0].exitcode == 0
+        with pytest.raises(RuntimeError, match="not joined"):  # the sender left the bus
+            bus.send(sd, version=2)
+    finally:
+        bus.close()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
     assert live_descendants() == []
 
 
