@@ -1,33 +1,25 @@
 """A weight bus: one sender broadcasts a model's weights to N receivers, in place.
 
-The collective twin of the ``/dev/shm`` file path (``trainer.engines.weights``): the
-learner's rank 0 is rank 0 of the bus, every engine process is one receiver (a vLLM engine
-over several GPUs: one per vLLM worker, ``rank_offset + its rank``). gloo moves CPU
-tensors (what runs here), NCCL CUDA tensors (the same code; not run here, see
-docs/rollout.md).
+The collective twin of the ``/dev/shm`` file path (``trainer.engines.weights``): rank 0
+is the learner's rank 0, ranks 1..N the engines (a vLLM engine over several GPUs: one per
+vLLM worker, ``rank_offset + its rank``). gloo moves CPU tensors (run here), NCCL CUDA
+tensors (the same code, not run here: docs/rollout.md). The bus is a process group of its
+own, built *directly* from a ``TCPStore`` and the backend's class, never with
+``init_process_group``: the learner ranks own the default group (data parallel) and vLLM
+owns one in its worker.
 
-The bus is a process group of its own, built *directly* from a ``TCPStore`` and the
-backend's class, never with ``init_process_group``: the learner ranks already own the
-default group (data parallel) and vLLM owns one in its worker, and neither may be touched.
+- Join, once: rank 0 ``serve`` binds a store on a free port and writes the manifest (name,
+  shape, dtype in the engine's dtype) into it; each receiver ``join``s (checks the
+  manifest against its engine, marks itself joined or failed with the reason); rank 0
+  ``wait_joined``; all build the group together.
+- Publish: rank 0 ``send`` broadcasts a header ``[version]`` (``[-1]`` and a reason in the
+  store if the state dict does not fit the manifest), then the tensors packed into flat
+  byte buckets of ``bucket_bytes`` (a larger tensor alone); ``receive`` yields
+  ``(name, tensor)`` views, a *fresh* buffer per bucket, so they outlive the next one
+  (vLLM's layer-wise reload keeps them until a layer is complete).
 
-Protocol::
-
-    join (once)   rank 0: WeightBus.serve(manifest, receivers)  binds a TCPStore on a free
-                  port and writes the manifest (name, shape, dtype of every tensor, in the
-                  engine's dtype) into it; returns at once, its ``spec`` says where.
-                  rank r: WeightBus.join(spec, r, expect)  reads the manifest, checks it
-                  against its engine's tensors and marks itself joined (or failed, with
-                  the reason); rank 0: wait_joined(). All build the group together.
-    publish       rank 0: send(state_dict, version)  broadcasts a header [version] (or
-                  [-1] and a reason in the store when the state dict does not match the
-                  manifest), then the tensors packed into flat byte buckets of at most
-                  ``bucket_bytes`` (a larger tensor gets a bucket of its own).
-                  rank r: receive(version)  yields ``(name, tensor)`` views of each bucket.
-
-Every member must call the same operation at the same time: a collective blocks until all
-have joined it (up to ``timeout_s``, then fails). A receiver gets a *fresh* buffer per
-bucket, so the views it yields stay valid after the next bucket arrives (vLLM's layer-wise
-reload keeps them until a layer is complete).
+Every member must take part in each step at the same time (a collective waits up to
+``timeout_s`` for the others); one whose collective fails leaves, so the others fail too.
 """
 
 from __future__ import annotations
