@@ -111,6 +111,7 @@ class RayPlacement:
         self.replicas = None
         self.model_dir: Path | None = None
         self.source: RayRolloutSource | None = None
+        self.group: RayLearnerGroup | None = None
         self._closers: list[Callable[[], None]] = []
         c = cfg.cluster
         try:
@@ -177,6 +178,7 @@ class RayPlacement:
             ready_timeout_s=c.ready_timeout_s,
         )
         self._closers.append(group.close)
+        self.group = group
         return group
 
     def rollout_source(
@@ -203,14 +205,21 @@ class RayPlacement:
             initial_version=initial_version,
             initial_weights=initial_weights,
             autostart=False,  # the first eval runs before rollouts compete for the CPU
+            # Broadcast: learner rank 0 sends (built before the source, see trainer.run).
+            sender=self.group if c.weight_sync == "broadcast" else None,
+            bus_timeout_s=c.bus_timeout_s,
         )
         self._closers.append(self.source.close)
         return self.source
 
     def publish(self, learner: RayLearnerGroup, source: RayRolloutSource) -> None:
-        """Rank 0 casts the weights to the engine's dtype and puts them into Ray's object
-        store; the rollout actors fetch them from there (never through this process)."""
-        source.publish(learner.weights_ref(source.cfg.engine.resolved_dtype()), learner.version)
+        """``cluster.weight_sync``: rank 0 broadcasts to every engine, or rank 0 casts the
+        weights to the engine's dtype and puts them into Ray's object store, and the
+        rollout actors fetch them from there (never through this process)."""
+        if self.cfg.cluster.weight_sync == "broadcast":
+            source.broadcast(learner.version)
+        else:
+            source.publish(learner.weights_ref(source.cfg.engine.resolved_dtype()), learner.version)
 
     def metrics(self) -> dict[str, float]:
         """``rollout/reissued_prompts`` and ``rollout/worker_restarts`` (run totals)."""

@@ -496,6 +496,7 @@ class RunConfig:
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+WeightSync = Literal["object_store", "broadcast"]
 
 
 @dataclass(frozen=True)
@@ -550,6 +551,14 @@ class ClusterConfig:
     than cores (they then share them)."""
     ready_timeout_s: float = 600.0
     """How long to wait for Ray to place each role's bundles before failing clearly."""
+    weight_sync: WeightSync = "object_store"
+    """How new weights reach the rollout workers: ``object_store`` (rank 0's state dict on
+    CPU, one ``ray.put``, each worker loads it from a ``/dev/shm`` file) or ``broadcast``
+    (a weight bus from learner rank 0 to every engine: gloo on CPU, NCCL when
+    ``learner_rank_gpus`` > 0; ``trainer.weight_bus``). ``broadcast`` needs ``address``."""
+    bus_timeout_s: float = 600.0
+    """``weight_sync=broadcast``: longest wait for the bus's members at join and per
+    broadcast (a dead member is noticed sooner: its connections close)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -586,6 +595,15 @@ class ClusterConfig:
             self.num_cpus,
         )
         _check(self.ready_timeout_s > 0, s, "ready_timeout_s", "must be > 0", self.ready_timeout_s)
+        _check(
+            self.weight_sync != "broadcast" or bool(address),
+            s,
+            "weight_sync",
+            "is broadcast, which needs cluster.address (Ray); without it the one worker "
+            "loads a file",
+            self.weight_sync,
+        )
+        _check(self.bus_timeout_s > 0, s, "bus_timeout_s", "must be > 0", self.bus_timeout_s)
 
     @property
     def enabled(self) -> bool:

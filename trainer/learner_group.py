@@ -19,6 +19,12 @@ does not branch on the placement)::
     finally:
         group.close()                               # actors killed, bundles released
 
+Weight bus (``cluster.weight_sync=broadcast``). Rank 0 is also the sender of a weight
+bus (``trainer.weight_bus``, a process group of its own beside the data-parallel one):
+the group is the ``BusSender`` that ``RayRolloutSource.broadcast`` drives, and rank 0
+broadcasts its model's weights from where they are (its GPU with NCCL), with no copy
+through the driver.
+
 A checkpoint is rank 0's ``state_dict`` (the ranks are replicas: same weights, optimiser
 state and generator), and loads into a group of any size or into one ``Learner``.
 
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from trainer.fipo import LossConfig
     from trainer.learner import Learner
     from trainer.types import RolloutBatch
+    from trainer.weight_bus import BusSpec, WeightBus
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -71,6 +78,7 @@ class _LearnerRank:
     def __init__(self, rank: int, world_size: int, threads: int):
         self.rank, self.world_size = rank, world_size
         self.learner: Learner | None = None
+        self.bus: WeightBus | None = None
         torch.set_num_threads(max(1, threads))
 
     def address(self) -> tuple[str, int]:
@@ -135,6 +143,49 @@ class _LearnerRank:
     def pid(self) -> int:
         return os.getpid()
 
+    # The weight bus (rank 0 only). Bus failures are returned, not raised: they are the
+    # rollout side's (a worker died), and must not mark the learner group broken.
+
+    def bus_open(self, receivers: int, dtype: str | None, backend: str, timeout_s: float):
+        import ray
+
+        from trainer.weight_bus import WeightBus, make_manifest
+
+        self.bus_close()
+        state = self.learner.model.state_dict()
+        device = next(iter(state.values())).device if backend == "nccl" else None
+        self.bus = WeightBus.serve(
+            make_manifest(state, dtype),
+            receivers,
+            host=ray.util.get_node_ip_address(),
+            backend=backend,
+            timeout_s=timeout_s,
+            device=device,
+        )
+        return self.bus.spec
+
+    def bus_join(self) -> str:
+        return _bus_error(self.bus.wait_joined)
+
+    def bus_send(self, version: int) -> str:
+        if version != self.learner.version:  # the rollout side would serve a wrong stamp
+            return f"the learner is at version {self.learner.version}, not {version}"
+        return _bus_error(lambda: self.bus.send(self.learner.model.state_dict(), version))
+
+    def bus_close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+            self.bus = None
+
+
+def _bus_error(step) -> str:
+    """``""`` when ``step()`` succeeds, else what failed (the bus is then rebuilt)."""
+    try:
+        step()
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
 
 class RayLearnerGroup:
     """``ranks`` learner ranks as Ray actors; the driver-side twin of one ``Learner``.
@@ -186,6 +237,7 @@ class RayLearnerGroup:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.ranks = ranks
         self.version = 0
+        self._bus_backend = "nccl" if gpus_per_rank > 0 else "gloo"
         self._broken: LearnerRankError | None = None
         self._closed = False
         self.actors: list = []
@@ -304,6 +356,30 @@ class RayLearnerGroup:
 
         ref = ray.put(dict(state))
         self.version = self._gather([a.load_state_dict.remote(ref) for a in self.actors])[0]
+
+    # --- weight-bus sender (``trainer.rollout.ray_source.BusSender``): rank 0 -----------
+
+    def open_bus(self, receivers: int, dtype: str | None, timeout_s: float) -> BusSpec:
+        """Rank 0 opens a new weight bus for ``receivers`` (leaving the previous one) with
+        its model's manifest (floats in ``dtype``); returns where to join it."""
+        ref = self.actors[0].bus_open.remote(receivers, dtype, self._bus_backend, timeout_s)
+        return self._gather([ref])[0]
+
+    def join_bus_async(self):
+        """Rank 0 waits for the receivers to join (a Ray ref: ``bus_result`` awaits it)."""
+        return self.actors[0].bus_join.remote()
+
+    def send_async(self, version: int):
+        """Rank 0 broadcasts its weights as ``version`` (a Ray ref for ``bus_result``)."""
+        return self.actors[0].bus_send.remote(int(version))
+
+    def bus_result(self, ref) -> str:
+        """``""`` or what failed on the bus.
+
+        Raises:
+            LearnerRankError: Rank 0 died.
+        """
+        return self._gather([ref])[0]
 
     def close(self) -> None:
         """Kill the rank actors and remove the placement group (idempotent).

@@ -54,7 +54,7 @@ class Placement(Protocol):
     def publish(
         self, learner: Learner | RayLearnerGroup, source: ProcessRolloutSource | RayRolloutSource
     ) -> None:
-        """Make the learner's newest weights the rollout side's policy ``learner.version``."""
+        """Make the learner's weights (at ``learner.version``) what the rollout side serves."""
         ...
 
     def metrics(self) -> dict[str, float]:

@@ -398,7 +398,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                 metrics.update(learner.update(batch, advantages))
                 # Publish the new policy to the engine (the rollout side may run ahead).
                 t1 = time.perf_counter()
-                placement.publish(learner, source)
+                placement.publish(learner, source)  # a file, the object store or a broadcast
                 step += 1
                 metrics.update({"perf/wait_s": wait_s, "perf/publish_s": time.perf_counter() - t1,
                                 "perf/step_s": time.perf_counter() - t0})  # fmt: skip

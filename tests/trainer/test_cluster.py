@@ -258,6 +258,23 @@ def test_two_nodes_two_steps_evaluates_checkpoints_then_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_broadcast_weight_sync_trains_two_steps(cluster, tiny_dir: Path, tmp_path: Path) -> None:
+    """``cluster.weight_sync=broadcast``: after each step learner rank 0 broadcasts its
+    weights (gloo) to both workers, across the two nodes; every batch is within the
+    staleness bound and the run ends with nothing left."""
+    args = [*tiny_args(tiny_dir, tmp_path, "bus"), *cluster_args(cluster.address)]
+    result = run([*args, "run.steps=2", "cluster.weight_sync=broadcast"])
+    assert result.returncode == 0, log_of(result)
+    assert ours_left() == []
+    train = records(tmp_path / "bus", "train")
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["rollout/groups"] == 2 and r["rollout/staleness_max"] <= 1
+        assert r["rollout/worker_restarts"] == 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_a_killed_learner_rank_stops_the_run_resumably_and_sigterm_is_clean(
     cluster, tiny_dir: Path, tmp_path: Path

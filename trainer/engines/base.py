@@ -19,9 +19,12 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from trainer.types import Generation
+
+if TYPE_CHECKING:
+    from trainer.weight_bus import BusSpec
 
 EngineKind = Literal["auto", "vllm", "hf"]
 
@@ -167,6 +170,17 @@ class Engine(Protocol):
 
     def load_weights(self, path: str | Path) -> None:
         """Replace the weights with those in a safetensors file (HF parameter names)."""
+        ...
+
+    def join_bus(self, spec: BusSpec, rank: int) -> None:
+        """Join a weight bus (``trainer.weight_bus``) as receiver ``rank``; an engine that
+        runs the model in several processes (vLLM over several GPUs) takes ranks ``rank``,
+        ``rank + 1``, ... one per process. Blocks until every member has joined."""
+        ...
+
+    def receive_weights(self, version: int) -> None:
+        """Replace the weights with the ones the bus's sender broadcasts as ``version``
+        (HF names, in place); the sender must be sending meanwhile."""
         ...
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from fipo_env.models import offline_hub, resolve_model_dir
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
+
+if TYPE_CHECKING:
+    from trainer.weight_bus import BusSpec, WeightBus
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -90,6 +94,7 @@ class HFEngine:
         self._pad_id = int(pad) if pad is not None else (self._default_eos or (0,))[0]
         self._vocab_size = int(self.model.config.vocab_size)
         self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self._bus: WeightBus | None = None
         self._closed = False
 
     def generate(
@@ -192,11 +197,39 @@ class HFEngine:
         if loaded == 0:
             raise RuntimeError(f"weights file {path} holds no tensors")
 
+    def join_bus(self, spec: BusSpec, rank: int) -> None:
+        """Join a weight bus as receiver ``rank`` (leaving any earlier one); the manifest
+        must name only tensors of this model, shaped alike (else ``ValueError``)."""
+        from trainer.weight_bus import WeightBus
+
+        self._check_open()
+        self._leave_bus()
+        expect = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        device = self.device if spec.backend == "nccl" else None
+        self._bus = WeightBus.join(spec, rank, expect=expect, device=device)
+
+    @torch.no_grad()
+    def receive_weights(self, version: int) -> None:
+        """Copy the tensors the bus's sender broadcasts as ``version`` into the model, in
+        place (as ``load_weights`` does with a file's)."""
+        self._check_open()
+        if self._bus is None:
+            raise RuntimeError("HFEngine.receive_weights: no weight bus joined (join_bus)")
+        params = self.model.state_dict()  # the manifest was checked against it at join
+        for name, tensor in self._bus.receive(version):
+            params[name].copy_(tensor)
+
     def close(self) -> None:
-        """Drop the model."""
+        """Drop the model (and leave the weight bus)."""
         if not self._closed:
             self._closed = True
+            self._leave_bus()
             del self.model
+
+    def _leave_bus(self) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -14,13 +14,20 @@ file and calls the worker's ``reload_weights(weights_iterator=...)``, vLLM's in-
 reload that re-runs the repacking. ``LLM.collective_rpc`` invokes it with the file path
 (tensors cannot be passed as arguments: they are pickled into lists). After a reload the
 prefix cache is reset, since cached KV blocks were computed by the old weights.
+
+The weight bus (``trainer.weight_bus``) feeds the same reload: ``fipo_join_bus`` joins the
+bus inside each vLLM worker process (on its device: gloo on CPU, NCCL on GPU) as rank
+``rank_offset + the worker's rank``, and ``fipo_receive_weights`` passes the broadcast
+tensors to ``reload_weights(weights_iterator=...)`` instead of a file's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +35,9 @@ from fipo_env.models import offline_hub, resolve_model_dir
 from trainer.engines.base import EngineConfig, SamplingConfig, validate_prompts
 from trainer.engines.weights import iter_weights
 from trainer.types import Generation
+
+if TYPE_CHECKING:
+    from trainer.weight_bus import BusSpec
 
 #: Import path vLLM uses to mix the extension into its worker class.
 EXTENSION_CLS = "trainer.engines.vllm_engine.WeightSyncExtension"
@@ -52,11 +62,55 @@ class WeightSyncExtension:
                 count += 1
                 yield item
 
-        # The worker's reload_weights sets the vLLM config context that the layer-wise
-        # reload needs; the model runner's one is the same call without it.
-        reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
-        reload(weights_iterator=weights())
+        _reload(self, weights())
         return count
+
+    def fipo_join_bus(self, spec: BusSpec, rank_offset: int) -> int:
+        """Join the weight bus as rank ``rank_offset`` + this worker's rank (leaving any
+        earlier bus); returns that rank."""
+        from trainer.weight_bus import WeightBus
+
+        self.fipo_leave_bus()
+        # Default device: CPU for gloo; for NCCL the GPU vLLM made current for this worker.
+        self._fipo_bus = WeightBus.join(spec, rank_offset + int(getattr(self, "rank", 0)))
+        return self._fipo_bus.rank
+
+    def fipo_receive_weights(self, version: int) -> int:
+        """Reload the weights the bus's sender broadcasts as ``version``, in place.
+
+        Returns:
+            The number of tensors received.
+        """
+        bus = getattr(self, "_fipo_bus", None)
+        if bus is None:
+            raise RuntimeError("fipo_receive_weights: this vLLM worker joined no weight bus")
+        tensors = bus.receive(version)
+        count = 0
+
+        def weights():
+            nonlocal count
+            for item in tensors:
+                count += 1
+                yield item
+
+        _reload(self, weights())
+        for _ in tensors:  # whatever the loader left: the broadcast waits for every member
+            pass
+        return count
+
+    def fipo_leave_bus(self) -> None:
+        """Leave the weight bus, if any."""
+        bus = getattr(self, "_fipo_bus", None)
+        if bus is not None:
+            bus.close()
+        self._fipo_bus = None
+
+
+def _reload(worker, weights) -> None:
+    # The worker's reload_weights sets the vLLM config context that the layer-wise reload
+    # needs; the model runner's one is the same call without it.
+    reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
+    reload(weights_iterator=weights)
 
 
 class EngineStartError(RuntimeError):
@@ -177,6 +231,7 @@ class VllmEngine:
                 "rollout.kv_cache_gib on CPU, rollout.gpu_memory_utilization on GPU)"
             ) from exc
         self._vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
+        self._on_bus = False
         self._closed = False
 
     def generate(
@@ -233,11 +288,28 @@ class VllmEngine:
             raise RuntimeError(f"vLLM workers read no tensors from {path}: {counts}")
         self._llm.reset_prefix_cache()
 
+    def join_bus(self, spec: BusSpec, rank: int) -> None:
+        """Join a weight bus: each vLLM worker as rank ``rank`` + its own rank."""
+        self._check_open()
+        self._llm.collective_rpc("fipo_join_bus", args=(spec, int(rank)))
+        self._on_bus = True
+
+    def receive_weights(self, version: int) -> None:
+        """Reload the weights the bus's sender broadcasts as ``version``, in place."""
+        self._check_open()
+        counts = self._llm.collective_rpc("fipo_receive_weights", args=(int(version),))
+        if not counts or min(counts) == 0:
+            raise RuntimeError(f"vLLM workers received no tensors for version {version}: {counts}")
+        self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
     def close(self) -> None:
         """Shut vLLM's EngineCore and worker processes down."""
         if self._closed:
             return
         self._closed = True
+        if self._on_bus:
+            with contextlib.suppress(Exception):  # shutting down either way
+                self._llm.collective_rpc("fipo_leave_bus")
         engine_core = getattr(self._llm.llm_engine, "engine_core", None)
         if engine_core is not None:
             engine_core.shutdown()

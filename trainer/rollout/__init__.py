@@ -19,7 +19,12 @@ The engines it drives (vLLM, HF ``generate``) and the weight files live in
 from trainer.rollout.config import RolloutWorkerConfig, WorkerStart, rollout_worker_config
 from trainer.rollout.groups import build_groups, informative_mask, keep_informative
 from trainer.rollout.ray_source import RayRolloutSource
-from trainer.rollout.source import ProcessRolloutSource, RolloutTimeoutError, RolloutWorkerError
+from trainer.rollout.source import (
+    ProcessRolloutSource,
+    RolloutTimeoutError,
+    RolloutWorkerError,
+    WeightBusError,
+)
 
 __all__ = [
     "ProcessRolloutSource",
@@ -27,6 +32,7 @@ __all__ = [
     "RolloutTimeoutError",
     "RolloutWorkerConfig",
     "RolloutWorkerError",
+    "WeightBusError",
     "WorkerStart",
     "build_groups",
     "informative_mask",

@@ -9,14 +9,17 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.engines.base import SamplingConfig
 from trainer.rollout.config import RolloutWorkerConfig
-from trainer.rollout.source import ProcessRolloutSource, RolloutWorkerError
+from trainer.rollout.source import ProcessRolloutSource, RolloutWorkerError, WeightBusError
 from trainer.types import Generation, RolloutBatch
+
+if TYPE_CHECKING:
+    from trainer.weight_bus import BusSpec
 
 
 class WorkerLostError(RolloutWorkerError):
@@ -42,12 +45,18 @@ class RolloutActor:
         version: int,
         weights: Mapping[str, torch.Tensor] | None,
         autostart: bool,
+        weights_version: int | None = None,
     ) -> dict[str, Any]:
-        """Start the worker process (not waiting for its engine); return ``info()``."""
+        """Start the worker process (not waiting for its engine); return ``info()``.
+        ``weights_version``: see ``ProcessRolloutSource`` (a reopen on a weight bus)."""
         if self.source is not None:
             self.source.close()
         self.source = ProcessRolloutSource(
-            cfg, initial_version=version, initial_weights=weights, autostart=autostart
+            cfg,
+            initial_version=version,
+            initial_weights=weights,
+            autostart=autostart,
+            weights_version=weights_version,
         )
         return self.info()
 
@@ -78,6 +87,23 @@ class RolloutActor:
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self._src().publish(state_dict, version)
+
+    def join_bus(self, spec: BusSpec, rank: int) -> str:
+        """Join a weight bus; ``""``, or why not (a bus failure is the sender's side to
+        repair by rebuilding the bus, not a reason to fail this actor's call)."""
+        try:
+            self._src().join_bus(spec, rank)
+        except WeightBusError as exc:
+            return str(exc)
+        return ""
+
+    def receive_broadcast(self, version: int) -> str:
+        """Receive ``version`` from the weight bus; ``""``, or why not."""
+        try:
+            self._src().receive_broadcast(version)
+        except WeightBusError as exc:
+            return str(exc)
+        return ""
 
     def generate(
         self,

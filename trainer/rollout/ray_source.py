@@ -26,6 +26,16 @@ Ray only decides who starts the workers and where; each actor owns one unchanged
   across nodes) and hands it to its source's ``publish``, which writes its node's
   ``/dev/shm`` file and has the engine load it. ``publish`` returns once every engine
   serves the new version.
+- **Weights by broadcast** (``sender`` given: ``cluster.weight_sync=broadcast``).
+  ``broadcast(v)`` publishes the sender's (the learner's rank 0) current weights over a
+  weight bus (``trainer.weight_bus``: gloo on CPU, NCCL on GPU) instead: rank 0 sends and
+  every worker receives, launched together and awaited together; nothing goes through
+  the driver or the object store. The bus is built at the first broadcast (worker ``i``
+  is rank ``1 + i``) and rebuilt (new port, every member joins again) after any failure
+  on it. A worker reopened after its actor died starts from the last object-store copy
+  (the start weights, at their own version: it makes only batches the staleness bound
+  allows with them), and the bus is rebuilt and the current version broadcast again at
+  once, so it serves the newest version before it is asked for anything else.
 - **Faults.** Actors are created with ``max_restarts``: when one dies (its process killed,
   its node lost) Ray restarts it in the same bundle and the source reopens it with the
   newest weights and version, then asks it again for the share it was making. Every
@@ -44,7 +54,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -53,7 +63,12 @@ from trainer.engines.base import SamplingConfig
 from trainer.rollout.config import RolloutWorkerConfig
 from trainer.rollout.ray_actor import RolloutActor, WorkerLostError
 from trainer.rollout.shards import merge_batches, split_evenly, worker_configs, worker_seed
-from trainer.rollout.source import RolloutTimeoutError, RolloutWorkerError, request_timeout
+from trainer.rollout.source import (
+    RolloutTimeoutError,
+    RolloutWorkerError,
+    WeightBusError,
+    request_timeout,
+)
 from trainer.types import Generation, RolloutBatch
 
 if TYPE_CHECKING:
@@ -61,12 +76,29 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
+    from trainer.weight_bus import BusSpec
+
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 #: How long ``close`` lets an actor stop its worker before Ray kills it.
 CLOSE_GRACE_S = 60.0
 #: How often a restarting actor is asked again whether it is back.
 RESTART_POLL_S = 0.2
+
+
+class BusSender(Protocol):
+    """The sending side of a weight bus, as ``RayRolloutSource.broadcast`` drives it
+    (``trainer.learner_group.RayLearnerGroup``: its rank 0). ``*_async`` return Ray
+    object refs; ``bus_result`` awaits one: ``""``, or what failed on the bus (a dead
+    sender raises the sender's own error, e.g. ``LearnerRankError``)."""
+
+    def open_bus(self, receivers: int, dtype: str | None, timeout_s: float) -> BusSpec: ...
+
+    def join_bus_async(self) -> ObjectRef: ...
+
+    def send_async(self, version: int) -> ObjectRef: ...
+
+    def bus_result(self, ref: ObjectRef) -> str: ...
 
 
 class RayRolloutSource:
@@ -94,6 +126,9 @@ class RayRolloutSource:
             instance, ``"auto"`` or ``"host:port"`` joins a running cluster; that Ray
             session is shut down by ``close()``. An already initialised Ray is used as is
             and left running.
+        sender: Publish by broadcast from this sender (``broadcast``) instead of through
+            the object store (``publish``); ``None``: the object store only.
+        bus_timeout_s: Longest wait for the bus's members at join and per collective.
 
     Attributes:
         shares: Groups each worker makes per step (``rollout.prompts_per_step`` split).
@@ -118,6 +153,8 @@ class RayRolloutSource:
         initial_weights: Mapping[str, torch.Tensor] | ObjectRef | None = None,
         autostart: bool = True,
         address: str | None = None,
+        sender: BusSender | None = None,
+        bus_timeout_s: float = 600.0,
     ) -> None:
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(
@@ -136,6 +173,11 @@ class RayRolloutSource:
             raise ValueError("RayRolloutSource max_worker_failures must be >= 0")
         self._base_version = int(initial_version)
         self._version = int(initial_version)
+        self._ref_version = int(initial_version)  # version of _weights_ref's weights
+        self._sender = sender
+        self._bus_timeout_s = float(bus_timeout_s)
+        self._bus: BusSpec | None = None  # None: (re)build before the next broadcast
+        self._syncing = False
         self._received = 0
         self._started = autostart
         self._closed = False
@@ -303,6 +345,7 @@ class RayRolloutSource:
         ref = self._ref(state_dict)
         # Set before the calls: a worker reopened meanwhile starts from these weights.
         self._weights_ref, self._version = ref, int(version)
+        self._ref_version = self._version
         # A worker reopened meanwhile already serves it: it is not asked again.
         self._gather(
             "publish",
@@ -311,6 +354,29 @@ class RayRolloutSource:
             what=f"weight sync (version {version})",
             again=False,
         )
+
+    def broadcast(self, version: int) -> None:
+        """Make the sender's current weights policy ``version`` of every worker's engine,
+        over the weight bus (built, or rebuilt after a failure, first). Returns once every
+        engine serves it.
+
+        Raises:
+            ValueError: ``version`` is not newer than the current one.
+            RuntimeError: No sender (the source publishes through the object store).
+            RolloutWorkerError: The bus failed more often than ``max_worker_failures``
+                allows, or a worker failed for good.
+            RolloutTimeoutError: A worker did not answer in time.
+            LearnerRankError: The sender (learner rank 0) died.
+        """
+        self._check_open()
+        if self._sender is None:
+            raise RuntimeError("RayRolloutSource.broadcast needs a sender (see __init__)")
+        if int(version) <= self._version:
+            raise ValueError(
+                f"broadcast(version={version}): versions must increase (current {self._version})"
+            )
+        self._version = int(version)
+        self._sync()
 
     def generate(
         self,
@@ -455,7 +521,74 @@ class RayRolloutSource:
         cfg = self._cfgs[i]
         if self._incarnations[i]:
             cfg = replace(cfg, seed=worker_seed(self.cfg.seed, i, self._incarnations[i]))
-        return self._actors[i].open.remote(cfg, self._version, self._weights_ref, self._started)
+        return self._actors[i].open.remote(
+            cfg, self._version, self._weights_ref, self._started, self._ref_version
+        )
+
+    # ------------------------------------------------------------------ weight bus
+
+    def _sync(self) -> None:
+        """Broadcast ``self._version`` to every worker, (re)building the bus first when
+        needed; after a failure (a worker lost or restarted, a bus error), rebuild and
+        broadcast again. Inside a sync, a lost worker only marks the bus for a rebuild
+        (the loop here does the rest)."""
+        if self._syncing:
+            self._bus = None
+            return
+        self._syncing = True
+        last = ""
+        try:
+            for _ in range(self.max_worker_failures + 2):
+                if self._bus is None:
+                    last = self._bus_round("join")
+                if self._bus is not None and not (last := self._bus_round("receive")):
+                    return
+                self._bus = None
+            raise RolloutWorkerError(
+                f"the weight bus could not deliver version {self._version} in "
+                f"{self.max_worker_failures + 2} tries (max_worker_failures="
+                f"{self.max_worker_failures}); last failure: {last}"
+            )
+        finally:
+            self._syncing = False
+
+    def _bus_round(self, step: str) -> str:
+        """One bus step on every member at once: the sender's and every worker's, awaited
+        together. Returns ``""`` or what failed (and forgets the bus then)."""
+        sender, version = self._sender, self._version
+        if step == "join":
+            dtype = self.cfg.engine.dtype if self.cfg.engine.dtype != "auto" else None
+            spec = sender.open_bus(self.num_workers, dtype, self._bus_timeout_s)
+            ref, method = sender.join_bus_async(), "join_bus"
+        else:
+            spec = self._bus
+            ref, method = sender.send_async(version), "receive_broadcast"
+
+        def args(i: int) -> tuple:  # worker i is rank 1 + i
+            return (spec, 1 + i) if step == "join" else (version,)
+
+        def lost(i: int) -> None:  # the others must not wait for it until the timeout
+            if step == "join":
+                with contextlib.suppress(Exception):
+                    from trainer.weight_bus import WeightBus
+
+                    WeightBus.cancel(spec, 1 + i, f"rollout worker {i} died")
+
+        replies = self._gather(
+            method,
+            self._bus_timeout_s + self.cfg.rollout.request_timeout_s,
+            args,
+            what=f"weight-bus {step} (version {version})",
+            again=False,
+            on_lost=lost,
+        )
+        failures = [f"worker {i}: {r}" for i, r in enumerate(replies) if r]
+        failures += [f"worker {i}: lost" for i, r in enumerate(replies) if r is None]
+        sent = sender.bus_result(ref)
+        if sent:
+            failures.append(f"sender: {sent}")
+        self._bus = None if failures else spec
+        return "; ".join(failures)
 
     def _recover(self, i: int, exc: BaseException) -> None:
         """Reopen worker ``i`` after its actor died. Ray restarts the actor in its bundle;
@@ -483,6 +616,9 @@ class RayRolloutSource:
             while True:
                 try:
                     ray.get(self._open(i), timeout=_left(deadline))
+                    if self._sender is not None:  # off the bus, on older weights
+                        self._bus = None
+                        self._sync()
                     return
                 except ray.exceptions.ActorUnavailableError:
                     if time.monotonic() < deadline:
@@ -531,29 +667,36 @@ class RayRolloutSource:
             return getattr(self._actors[i], method).remote(*args_for(i))
 
         results: dict[int, Any] = {}
-        self._in_flight = {call(i): i for i in workers}
+        # A gather may nest (a lost worker's bus rebuild, inside another gather): each
+        # keeps its own calls; self._in_flight shows the innermost's.
+        outer = self._in_flight
+        self._in_flight = in_flight = {call(i): i for i in workers}
         try:
-            while self._in_flight:
-                done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=_left(deadline))
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_left(deadline))
                 if not done:
                     raise RolloutTimeoutError(
-                        f"rollout worker(s) {sorted(self._in_flight.values())} did not finish "
+                        f"rollout worker(s) {sorted(in_flight.values())} did not finish "
                         f"{what or method} within {timeout_s:.0f} s. On a slow or busy machine "
                         f"raise {setting}; the workers' logs may say more."
                     )
-                i = self._in_flight.pop(done[0])
+                i = in_flight.pop(done[0])
                 try:
                     results[i] = ray.get(done[0])
-                except (ray.exceptions.RayActorError, WorkerLostError) as exc:
-                    self._recover(i, exc)
+                except (ray.exceptions.RayActorError, WorkerLostError, WeightBusError) as exc:
+                    if isinstance(exc, WeightBusError):  # its worker restarted off the bus
+                        self._bus = None
+                        self._sync()
+                    else:
+                        self._recover(i, exc)
                     if on_lost is not None:
                         on_lost(i)
                     if again:
-                        self._in_flight[call(i)] = i
+                        in_flight[call(i)] = i
                     else:
                         results[i] = None
         finally:
-            self._in_flight = {}
+            self._in_flight = outer
         return [results[i] for i in workers]
 
 

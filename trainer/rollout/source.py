@@ -16,6 +16,15 @@ Typical use by a learner::
             source.publish(model.state_dict(), version=step + 1)
     finally:
         source.close()
+
+Weight bus. Instead of ``publish``, the weights can come by broadcast from a sender on a
+weight bus (``trainer.weight_bus``): ``join_bus(spec, rank)`` once, then
+``receive_broadcast(v)`` per version. Both block until the bus's other members take part,
+so the sender must join / send *concurrently* (another thread, process or Ray actor:
+``trainer.rollout.ray_source`` does it for Ray). A worker restarted after a crash is off
+the bus: it serves the newest weights it has a file of (the start weights) at their own
+version, and the next ``receive_broadcast`` (or a ``next_batch`` it could not make)
+raises ``WeightBusError``: rebuild the bus, every member joins again, and broadcast.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,9 +52,17 @@ from trainer.rollout.procs import POLL_S, read_pickle, write_pickle
 from trainer.rollout.worker import worker_main
 from trainer.types import Generation, RolloutBatch
 
+if TYPE_CHECKING:
+    from trainer.weight_bus import BusSpec
+
 
 class RolloutWorkerError(RuntimeError):
     """The rollout worker failed (with its traceback when it had one)."""
+
+
+class WeightBusError(RolloutWorkerError):
+    """A weight-bus step failed on the rollout side, or the worker left the bus (it was
+    restarted); the sender's side rebuilds the bus and broadcasts again."""
 
 
 class RolloutTimeoutError(RolloutWorkerError, TimeoutError):
@@ -166,6 +183,10 @@ class ProcessRolloutSource:
             weights, e.g. a resumed checkpoint's; ``None`` serves the directory's.
         autostart: Start producing batches at once (``True``) or on the first
             ``next_batch`` (``False``, e.g. to use ``generate`` only).
+        weights_version: The policy version of ``initial_weights`` when it is older than
+            ``initial_version`` (a worker reopened on a weight bus): the worker serves it,
+            making only batches its staleness bound allows, until a broadcast brings a
+            newer one. ``None``: ``initial_version``.
         mp_context: Multiprocessing start method; ``spawn`` (vLLM and CUDA need it).
 
     Raises:
@@ -180,7 +201,12 @@ class ProcessRolloutSource:
         initial_weights: Mapping[str, torch.Tensor] | None = None,
         autostart: bool = True,
         mp_context: str = "spawn",
+        weights_version: int | None = None,
     ) -> None:
+        if weights_version is not None and weights_version > initial_version:
+            raise ValueError(
+                f"weights_version {weights_version} > initial_version {initial_version}"
+            )
         self.cfg = cfg
         self._ctx = mp.get_context(mp_context)
         self._files = WeightFiles()
@@ -195,7 +221,13 @@ class ProcessRolloutSource:
         self._req_ids = itertools.count()
         self._replies: dict[int, tuple[list[list[Generation]], int]] = {}  # req_id -> reply
         self._pongs: dict[int, dict] = {}
-        self._loaded_version = int(initial_version)
+        # Version of the newest weights file (what a restarted worker starts from).
+        self._file_version = int(initial_version if weights_version is None else weights_version)
+        self._loaded_version = self._file_version  # what the worker serves
+        self._bus_used = False  # a weight bus was joined (restarts then leave it)
+        self._on_bus = False
+        self._bus_replies: dict[int, tuple[int, str]] = {}  # req_id -> (version, error)
+        self._bus_req: int | None = None  # the bus step in flight
         self._last_error = ""
         if initial_weights is not None:
             path = self._files.write(initial_weights, self._version, dtype=self._wire_dtype())
@@ -286,6 +318,7 @@ class ProcessRolloutSource:
                 index, path = self._proc.batches.get(timeout=POLL_S)
             except queue.Empty:
                 self._pump(wait, block=False)
+                self._check_bus_lost()
                 continue
             if index != self._received:  # a pre-restart straggler; cannot happen in order
                 Path(path).unlink(missing_ok=True)
@@ -313,7 +346,7 @@ class ProcessRolloutSource:
             )
         path = self._files.write(state_dict, int(version), dtype=self._wire_dtype())
         self._files.set_current(path)  # also what a restarted worker loads
-        self._version = int(version)
+        self._version = self._file_version = int(version)
         self._proc.ctrl.put(("weights", str(path), self._version))
         wait = _Wait.start(
             f"weight sync (version {version})", self.cfg.rollout.request_timeout_s,
@@ -322,6 +355,50 @@ class ProcessRolloutSource:
         while self._loaded_version < self._version:
             self._pump(wait)
         self._files.prune()  # the worker serves `path` now; older files are unused
+
+    def join_bus(self, spec: BusSpec, rank: int, timeout_s: float | None = None) -> None:
+        """Have the worker's engine join a weight bus as receiver ``rank`` (a vLLM engine
+        over several GPUs takes ``rank``, ``rank + 1``, ...). Returns once it has, which
+        needs every other member (the sender too) to join concurrently.
+
+        Raises:
+            WeightBusError: The engine could not join (the reason, e.g. a join timeout
+                naming the bus's host:port and the missing ranks).
+            RolloutTimeoutError: No answer within ``timeout_s`` (default: the bus's
+                timeout plus ``rollout.request_timeout_s``).
+        """
+        self._check_open()
+        timeout_s = timeout_s or spec.timeout_s + self.cfg.rollout.request_timeout_s
+        self._bus_step(("join_bus", spec, int(rank)), "weight-bus join", timeout_s)
+        self._bus_used = self._on_bus = True
+
+    def receive_broadcast(self, version: int, timeout_s: float | None = None) -> None:
+        """Have the engine receive the weights the bus's sender broadcasts as ``version``;
+        returns once the worker serves them (acknowledged as ``publish`` is, so every batch
+        made afterwards is stamped ``version``). The sender must be sending concurrently.
+        ``version`` may equal the current one: a re-send after the bus was rebuilt.
+
+        Raises:
+            ValueError: ``version`` is older than the current one.
+            WeightBusError: No bus joined, the worker was restarted (it left the bus), or
+                the receive failed (the worker then serves no version until the next one).
+            RolloutTimeoutError: No answer within ``timeout_s``.
+        """
+        self._check_open()
+        if int(version) < self._version:
+            raise ValueError(
+                f"receive_broadcast(version={version}): older than the current {self._version}"
+            )
+        if not self._on_bus:
+            raise WeightBusError(
+                "the rollout worker is on no weight bus (never joined, or restarted since): "
+                "rebuild the bus and join again"
+            )
+        self._version = int(version)
+        timeout_s = timeout_s or self.cfg.rollout.request_timeout_s
+        self._bus_step(
+            ("receive", int(version)), f"weight-bus receive (version {version})", timeout_s
+        )
 
     def generate(
         self,
@@ -411,13 +488,42 @@ class ProcessRolloutSource:
         current = self._files.current
         return WorkerStart(
             base_version=self._base_version,
-            version=self._version,
+            version=self._file_version,
             weights_path=str(current) if current is not None else None,
             next_batch=self._received,
             started=self._started,
             restarts=self._restarts,
             io_dir=str(self._io_dir),
         )
+
+    def _bus_step(self, msg: tuple, phase: str, timeout_s: float) -> None:
+        """Send a weight-bus step and wait for its answer. Not re-sent to a restarted
+        worker (which is off the bus): ``_on_death`` answers it with an error."""
+        req_id = next(self._req_ids)
+        self._bus_req = req_id
+        self._proc.ctrl.put((msg[0], req_id, *msg[1:]))
+        wait = _Wait.start(phase, timeout_s, "rollout.request_timeout_s")
+        try:
+            while req_id not in self._bus_replies:
+                self._pump(wait)
+        finally:
+            self._bus_req = None
+        version, error = self._bus_replies.pop(req_id)
+        self._loaded_version = version
+        if error:
+            self._on_bus = self._on_bus and msg[0] != "join_bus"
+            raise WeightBusError(f"the rollout worker's {phase} failed:\n{error}")
+
+    def _check_bus_lost(self) -> None:
+        """A worker restarted off the bus cannot reach the version the next batch needs
+        by itself: say so instead of waiting for a broadcast that cannot come."""
+        needed = self._base_version + self._received - self.cfg.rollout.max_staleness
+        if self._bus_used and not self._on_bus and self._loaded_version < needed:
+            raise WeightBusError(
+                f"the rollout worker was restarted and left the weight bus: it serves "
+                f"version {self._loaded_version}, batch {self._received} needs >= {needed}; "
+                "rebuild the bus and broadcast"
+            )
 
     def _send_request(self, req_id: int, msg: tuple) -> None:
         self._pending[req_id] = msg  # re-sent to a restarted worker
@@ -451,6 +557,8 @@ class ProcessRolloutSource:
             self._loaded_version = max(self._loaded_version, int(event[1]))
         elif kind == "loaded":
             self._loaded_version = max(self._loaded_version, int(event[1]))
+        elif kind == "bus":
+            self._bus_replies[event[1]] = (int(event[2]), event[3])
         elif kind == "generated":
             self._pending.pop(event[1], None)
             self._replies[event[1]] = read_pickle(event[2])
@@ -481,8 +589,12 @@ class ProcessRolloutSource:
             stale.unlink(missing_ok=True)
         self._proc = self._spawn()
         self._res.proc = self._proc
-        # The new worker serves the newest weights from its start, so a publish() in
+        # The new worker serves the newest weights file from its start, so a publish() in
         # flight is complete; requests in flight died with the old one: send them again.
-        self._loaded_version = self._version
+        # It is off the weight bus: a bus step in flight fails (the sender rebuilds it).
+        self._loaded_version = self._file_version
+        self._on_bus = False
+        if self._bus_req is not None:
+            self._bus_replies[self._bus_req] = (self._file_version, f"the worker died ({reason})")
         for msg in self._pending.values():
             self._proc.ctrl.put(msg)

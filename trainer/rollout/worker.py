@@ -2,8 +2,9 @@
 
 Loop of the worker (``worker_main``), which runs in its own spawned process:
 
-1. apply control messages from the learner side: new weights (a file path + version),
-   eval-style ``generate`` requests, ``stop``;
+1. apply control messages from the learner side: new weights (a file path + version,
+   or ``join_bus`` / ``receive`` on a weight bus, ``trainer.weight_bus``), eval-style
+   ``generate`` requests, ``stop``;
 2. wait until the next batch is allowed (bounded staleness, below);
 3. fill a batch: draw ``prompts_per_round`` problems from the ``fipo_env`` vector env
    (``group_size`` sub-envs per problem), sample ``n = G`` responses per prompt, feed them
@@ -117,6 +118,12 @@ class _Worker:
             self.engine.load_weights(path)
             self.version = int(version)
             self.events.put(("loaded", self.version))
+        elif kind == "join_bus":
+            _, req_id, spec, rank = msg
+            self.bus_call(req_id, lambda: self.engine.join_bus(spec, rank))
+        elif kind == "receive":
+            _, req_id, version = msg
+            self.bus_call(req_id, lambda: self.receive(int(version)))
         elif kind == "generate":
             _, req_id, path = msg
             prompts, n, sampling = read_pickle(path, delete=False)  # the source deletes it
@@ -134,6 +141,24 @@ class _Worker:
             self.events.put(("pong", msg[1], state))
         else:
             raise ValueError(f"unknown control message {kind!r}")
+
+    def receive(self, version: int) -> None:
+        # A receive that fails part-way leaves a mix of two versions: no version at all
+        # (-1, below every batch's need) until the next full one.
+        self.version = -1
+        self.engine.receive_weights(version)
+        self.version = version
+
+    def bus_call(self, req_id: int, call) -> None:
+        """Run a weight-bus step; its failure is answered, not fatal (the learner side
+        rebuilds the bus), and acknowledged with the version served afterwards."""
+        error = ""
+        try:
+            call()
+        except Exception:
+            traceback.print_exc()  # the worker's log
+            error = traceback.format_exc()[-3000:]
+        self.events.put(("bus", req_id, self.version, error))
 
     def drain(self) -> None:
         """Apply every pending control message without blocking."""
