@@ -10,8 +10,9 @@ Four parts, each with its baseline measured in the same run:
    ``RayLearnerGroup`` of 1 and of 2 gloo ranks, on one batch from part 1 with random
    advantages (so every mini-batch steps).
 3. **Publish**: seconds to get the learner's weights served by one rollout worker: the
-   single-machine path, Ray through the driver (the path before ``weights_ref``), and Ray
-   by reference (rank 0 casts to the engine dtype and puts; the worker fetches).
+   single-machine path, Ray through the driver (the path before ``weights_ref``), Ray by
+   reference (rank 0 casts to the engine dtype and puts; the worker fetches), and Ray by
+   broadcast (``cluster.weight_sync=broadcast``: gloo here, the first one joins the bus).
 4. **Step**: ``python -m trainer.run`` with the default run's settings (vLLM where
    installed), eval and checkpoints off, once on the single-machine path and once with
    ``cluster.address=local`` (1 worker, 1 replica, 1 rank): median seconds per step after
@@ -156,11 +157,13 @@ def bench_publish(args: argparse.Namespace, cfg, model_dir: Path, address: str, 
         ("single machine", False, lambda lrn, src: src.publish(lrn.hf_state_dict(), lrn.version)),
         ("Ray, via the driver", True, lambda lrn, src: src.publish(lrn.hf_state_dict(), lrn.version)),
         ("Ray, by reference", True, lambda lrn, src: src.publish(lrn.weights_ref(dtype), lrn.version)),
+        ("Ray, broadcast (gloo)", True, lambda lrn, src: src.broadcast(lrn.version)),
     )  # fmt: skip
     for name, on_ray, publish in layouts:
         if on_ray:
             learner = RayLearnerGroup(cfg, model_dir, loss, pad, ranks=1)
-            source = RayRolloutSource(wcfg, num_workers=1, autostart=False)
+            bus = {"sender": learner} if "broadcast" in name else {}
+            source = RayRolloutSource(wcfg, num_workers=1, autostart=False, **bus)
         else:
             torch.set_num_threads(1)
             learner = Learner(cfg, model_dir, loss, pad_id=pad)
