@@ -139,6 +139,7 @@ def bench_publish(args: argparse.Namespace, cfg, model_dir: Path, address: str, 
     ``args.repeats``: single machine; Ray through the driver (rank 0's ``hf_state_dict``
     fetched here, then ``ray.put``); Ray by reference (``weights_ref``: rank 0 casts and
     puts, the worker fetches, the driver never holds the tensors)."""
+    import ray
     import torch
 
     from fipo_env.models import load_tokenizer
@@ -173,6 +174,11 @@ def bench_publish(args: argparse.Namespace, cfg, model_dir: Path, address: str, 
             times = []
             for v in range(1, args.repeats + 2):  # the first one warms up
                 learner.version = v  # the same weights each time: only the transfer is timed
+                if on_ray:  # rank 0 checks the version it sends against its learner's
+                    rank0 = learner.actors[0]
+                    ray.get(
+                        rank0.__ray_call__.remote(lambda a, v: setattr(a.learner, "version", v), v)
+                    )
                 t0 = time.perf_counter()
                 publish(learner, source)
                 times.append(time.perf_counter() - t0)

@@ -169,7 +169,8 @@ class _LearnerRank:
 
     def bus_send(self, version: int) -> str:
         if version != self.learner.version:  # the rollout side would serve a wrong stamp
-            return f"the learner is at version {self.learner.version}, not {version}"
+            problem = f"the learner is at version {self.learner.version}, not {version}"
+            return _bus_error(lambda: self.bus.abort(problem)) or problem  # receivers told
         return _bus_error(lambda: self.bus.send(self.learner.model.state_dict(), version))
 
     def bus_close(self) -> None:

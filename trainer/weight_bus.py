@@ -239,15 +239,14 @@ class WeightBus:
                 receivers are told (their ``receive`` raises with the same reason).
         """
         self._check(sender=True)
-        self._sends += 1
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
         problem = _misfit(self.manifest, shapes, "the state dict")
         extra = set(state_dict) - {s.name for s in self.manifest}
         problem = problem or (f"{sorted(extra)[0]!r} is not in the manifest" if extra else "")
         if problem:
-            self._store.set(f"abort/{self._sends}", problem)
-            self._broadcast(torch.tensor([_ABORT], dtype=torch.int64, device=self.device))
+            self.abort(problem)
             raise ValueError(f"weight bus {self.spec.address}: version {version}: {problem}")
+        self._sends += 1
         self._broadcast(torch.tensor([int(version)], dtype=torch.int64, device=self.device))
         buf = torch.empty(
             max(size for size, _ in self._layout), dtype=torch.uint8, device=self.device
@@ -257,6 +256,14 @@ class WeightBus:
                 t = state_dict[spec.name].detach().to(self.device, spec.torch_dtype)
                 buf[offset : offset + spec.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
             self._broadcast(buf[:size])
+
+    def abort(self, reason: str) -> None:
+        """Rank 0: call off this publish instead of sending; every receiver's ``receive``
+        raises at once with ``reason`` (rather than waiting for the timeout)."""
+        self._check(sender=True)
+        self._sends += 1
+        self._store.set(f"abort/{self._sends}", reason)
+        self._broadcast(torch.tensor([_ABORT], dtype=torch.int64, device=self.device))
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Receiver: the header now, then an iterator over ``(name, tensor)`` that receives

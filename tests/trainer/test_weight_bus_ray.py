@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -27,7 +28,7 @@ from test_engines_support import kill_all, live_descendants, teacher_forced_logp
 import trainer  # noqa: E402
 from trainer.config import ConfigError, RolloutConfig, build_config  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig  # noqa: E402
-from trainer.rollout import RolloutWorkerConfig  # noqa: E402
+from trainer.rollout import RolloutWorkerConfig, RolloutWorkerError  # noqa: E402
 
 TIMEOUT_S = 600  # generous: the machine is shared; no assertion depends on speed
 GREEDY = SamplingConfig(max_tokens=8, temperature=0.0)
@@ -120,6 +121,12 @@ def test_rank0_broadcasts_to_two_workers_and_a_restarted_worker_rejoins(tiny_dir
             assert [g.policy_version for g in batch.groups] == [version] * 3
         assert source.restarts == 1
         assert source.worker_info()[1]["pid"] != pid
+        # A version the learner is not at is refused by rank 0, and the workers are told
+        # at once (an abort over the bus), not after the 120 s bus timeout.
+        t0 = time.monotonic()
+        with pytest.raises(RolloutWorkerError, match="learner is at version 2, not 3"):
+            source.broadcast(3)
+        assert time.monotonic() - t0 < 60
     finally:
         if source is not None:
             source.close()
