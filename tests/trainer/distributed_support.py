@@ -127,3 +127,19 @@ def rank_main(
             torch.save(result, out / f"rank{rank}_case{i}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def init_local_ray(num_cpus: int) -> None:
+    """A private local Ray whose worker processes can import ``trainer`` (this checkout)."""
+    import ray
+
+    import trainer
+
+    repo = str(Path(trainer.__file__).resolve().parents[1])
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": repo}},
+    )

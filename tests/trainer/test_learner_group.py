@@ -19,9 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from distributed_support import advantages, build_learner, make_batch, train_config, weights
-
-import trainer
+from distributed_support import (
+    advantages,
+    build_learner,
+    init_local_ray,
+    make_batch,
+    train_config,
+    weights,
+)
 
 # AdamW (the real optimiser) makes its first steps ~lr * sign(grad): rounding-level
 # gradient differences between 1 and 2 ranks (summation order) can move a weight whose
@@ -83,14 +88,7 @@ def test_ray_group_matches_one_learner_and_a_killed_rank_stops_cleanly(
         torch.set_num_threads(threads)
     w1 = weights(one)
 
-    repo = str(Path(trainer.__file__).resolve().parents[1])  # the workers import trainer
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": repo}},
-    )
+    init_local_ray(2)
     try:
         cfg = train_config(tiny_model_dir, **SETTINGS)
         group = RayLearnerGroup(cfg, tiny_model_dir, build_loss_config(cfg.algorithm), 0, ranks=2)

@@ -27,6 +27,15 @@ from trainer.weight_bus import WeightBus, bucket_layout, make_manifest  # noqa: 
 BUCKET = 2048  # small: the ~28 KB sample takes four buckets
 
 
+def _stop(bus, procs) -> None:
+    """Leave the bus and kill the receivers still running (a failed test's leftovers)."""
+    bus.close()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+
+
 def test_layout_packs_in_order_aligned_and_alone_when_too_big():
     manifest = make_manifest(sample_state_dict())
     layout = bucket_layout(manifest, BUCKET)
@@ -71,11 +80,7 @@ def test_one_sender_two_receiver_processes_get_every_tensor_bit_equal():
             p.join(60)
             assert p.exitcode == 0
     finally:
-        bus.close()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
+        _stop(bus, procs)
     assert sorted(got) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     for (_, version), tensors in got.items():
         sent = v1 if version == 1 else v2
@@ -116,11 +121,7 @@ def test_a_dead_receiver_fails_the_publish_at_once_for_every_member():
         with pytest.raises(RuntimeError, match="not joined"):  # the sender left the bus
             bus.send(sd, version=2)
     finally:
-        bus.close()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
+        _stop(bus, procs)
     assert live_descendants() == []
 
 

@@ -22,10 +22,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from distributed_support import advantages, make_batch, train_config  # noqa: E402
+from distributed_support import advantages, init_local_ray, make_batch, train_config  # noqa: E402
 from test_engines_support import kill_all, live_descendants, teacher_forced_logprobs  # noqa: E402
 
-import trainer  # noqa: E402
 from trainer.config import ConfigError, RolloutConfig, build_config  # noqa: E402
 from trainer.engines import EngineConfig, SamplingConfig  # noqa: E402
 from trainer.rollout import RolloutWorkerConfig, RolloutWorkerError  # noqa: E402
@@ -88,14 +87,7 @@ def test_rank0_broadcasts_to_two_workers_and_a_restarted_worker_rejoins(tiny_dir
         ),
     )
     earlier = {p.pid for p in live_descendants()}
-    repo = str(Path(trainer.__file__).resolve().parents[1])  # the actors import trainer
-    ray.init(
-        address="local",
-        num_cpus=3,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": repo}},
-    )
+    init_local_ray(3)
     group = source = None
     try:
         cfg = train_config(tiny_dir, lr=0.05)
