@@ -254,12 +254,23 @@ def load_runs(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]]
 
 
 def run_machine(run_dir: Path) -> str:
-    """The CPU a run trained on, from the precision line its ``config.yaml`` starts with
-    (written by ``trainer.run`` on the machine that ran it, so a report drawn elsewhere
-    still says where each run came from)."""
+    """The hardware a run trained on (``"CPU AVX512, native bf16"``), from the precision
+    line ``trainer.run`` writes at the top of its ``config.yaml`` and prints into the
+    run's log, on the machine that ran it: a report drawn elsewhere still says where each
+    run came from. ``"?"`` when neither names it (older runs resumed with explicit dtypes)."""
+    texts = []
     config = run_dir / "config.yaml"
-    first = config.read_text().split("\n", 1)[0] if config.is_file() else ""
-    return first.removeprefix("# precision: ").strip() if first.startswith("# precision:") else "?"
+    if config.is_file():
+        texts.append(config.read_text().split("\n", 1)[0])
+    log = run_dir.with_name(run_dir.name + ".log")
+    if log.is_file():
+        texts += [line for line in log.read_text().splitlines() if "[fipo] precision:" in line]
+    for text in texts:
+        if found := re.search(r"CPU capability (\S+) (with|without|has no) native bf16", text):
+            return f"CPU {found[1]}, native bf16 {'yes' if found[2] == 'with' else 'no'}"
+        if found := re.search(r"GPU (.+?) (supports|lacks|with|without)", text):
+            return f"GPU {found[1]}"
+    return "?"
 
 
 def machines_line(runs: dict[str, list[dict[str, Any]]]) -> str:

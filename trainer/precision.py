@@ -121,9 +121,14 @@ def resolve(engine_dtype: str, autocast_dtype: str, device: str = "auto") -> Pre
     Returns:
         The dtypes to use, with a reason that says which were chosen and why.
     """
+    hw = detect(device)
     if engine_dtype != "auto" and autocast_dtype != "auto":
-        return Precision(engine_dtype, autocast_dtype, "set explicitly")
-    auto = choose(detect(device))
+        bf16 = "with" if hw.bf16_native else "without"
+        where = "GPU" if hw.device == "cuda" else "CPU capability"
+        # The machine is named even here: a resumed run's config.yaml keeps saying where.
+        reason = f"set explicitly, on {where} {hw.capability} {bf16} native bf16"
+        return Precision(engine_dtype, autocast_dtype, reason)
+    auto = choose(hw)
     return Precision(
         auto.engine_dtype if engine_dtype == "auto" else engine_dtype,
         auto.autocast_dtype if autocast_dtype == "auto" else autocast_dtype,

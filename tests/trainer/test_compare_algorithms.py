@@ -72,6 +72,24 @@ def test_run_state_tells_done_from_resumable_from_new(tmp_path: Path) -> None:
     assert ca.run_state(tmp_path / "c", 4) == "new"
 
 
+def test_the_machine_of_a_run_comes_from_its_config_or_its_log(tmp_path: Path) -> None:
+    run = tmp_path / "fipo-s1"
+    run.mkdir()
+    assert ca.run_machine(run) == "?"
+    # Resumed by an older trainer with explicit dtypes: the config no longer says; the
+    # first launch's line in the run's log does.
+    (run / "config.yaml").write_text("# precision: set explicitly\nmodel: {}\n")
+    (tmp_path / "fipo-s1.log").write_text(
+        "[fipo] precision: rollout engine bfloat16, learner bfloat16 (CPU capability AVX512 "
+        "with native bf16 (AVX-512 BF16/AMX))\n[fipo] precision: (set explicitly)\n"
+    )
+    assert ca.run_machine(run) == "CPU AVX512, native bf16 yes"
+    (run / "config.yaml").write_text(
+        "# precision: set explicitly, on GPU NVIDIA H200 with native bf16\nmodel: {}\n"
+    )
+    assert ca.run_machine(run) == "GPU NVIDIA H200"
+
+
 def test_report_draws_figures_and_replaces_its_block_in_the_docs(tmp_path: Path) -> None:
     out, docs = tmp_path / "runs", tmp_path / "docs"
     docs.mkdir()
@@ -95,7 +113,7 @@ def test_report_draws_figures_and_replaces_its_block_in_the_docs(tmp_path: Path)
     # mean of the last two steps: 40 + 4 * 5.5).
     assert "0.220 ± 0.000" in rows[0] and "| 62 ± 0 /" in rows[0] and "| 40 ± 0 /" in rows[1]
     assert "gap +20.0 -> +20.0 tokens" in text
-    assert "Runs made on: CPU capability AVX2 without native bf16 (4 runs). Report drawn" in text
+    assert "Runs made on: CPU AVX2, native bf16 no (4 runs). Report drawn" in text
     assert "fipo** (seed 0), early" in text and "\\boxed{42}" in text
     # A second report replaces the block instead of appending another; an unfinished run
     # is named, not averaged into the curves.

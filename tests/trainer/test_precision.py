@@ -37,6 +37,10 @@ def test_explicit_settings_are_kept() -> None:
     assert resolve("float32", "bfloat16").engine_dtype == "float32"
     assert resolve("float32", "bfloat16").autocast_dtype == "bfloat16"
     assert resolve("float16", "auto").engine_dtype == "float16"
+    # Still says which machine (a resumed run's config.yaml keeps the record).
+    reason = resolve("float32", "float32", "cpu").reason
+    assert reason.startswith("set explicitly, on CPU capability ")
+    assert torch.backends.cpu.get_cpu_capability() in reason
 
 
 def test_detect_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
