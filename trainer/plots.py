@@ -146,6 +146,17 @@ def carried_totals(path: str | Path, step: int) -> dict[str, float]:
     return {k: float(last[k]) for k in RUN_TOTALS if last.get(k) is not None}
 
 
+def eval_missing(path: str | Path, step: int, every: int) -> bool:
+    """Whether a run resumed at ``step`` owes the evaluation due there: ``step`` is a
+    multiple of ``every`` and the log has none for it (a stop signal during that
+    evaluation interrupts it, and the checkpoint is then written at the same step)."""
+    if not every or step <= 0 or step % every:
+        return False
+    if not Path(path).exists():
+        return True
+    return not any(r.get("kind") == "eval" and r.get("step") == step for r in read_metrics(path))
+
+
 def write_plots(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Render every plot of :data:`PLOTS` that has data; returns the files written."""
     import matplotlib

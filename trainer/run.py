@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from trainer.learner_group import LearnerRankError
     from trainer.loggers import check_installed, make_sinks, parse_loggers
     from trainer.placement import make_placement
-    from trainer.plots import MetricsLog, carried_totals, write_plots
+    from trainer.plots import MetricsLog, carried_totals, eval_missing, write_plots
     from trainer.rollout import rollout_worker_config
 
     stopper = _Stopper()
@@ -335,6 +335,11 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                            resume_step=start_step if resume else None)  # fmt: skip
         # Totals counted before an interruption (this process counts from 0 again).
         carried = carried_totals(run_dir / "metrics.jsonl", start_step) if resume else {}
+        owed_eval = (
+            bool(resume)
+            and start_step < cfg.run.steps
+            and eval_missing(run_dir / "metrics.jsonl", start_step, cfg.eval.every)
+        )
         log = MetricsLog(run_dir / "metrics.jsonl", sinks=sinks,
                          truncate_after_step=start_step if resume else None)  # fmt: skip
         stack.callback(log.close)
@@ -376,8 +381,8 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
                    unit="step", dynamic_ncols=True, file=sys.stderr)  # fmt: skip
         stack.callback(bar.close)
         try:
-            if cfg.eval.at_start and start_step == 0:
-                run_eval(0)
+            if (cfg.eval.at_start and start_step == 0) or owed_eval:
+                run_eval(start_step)
             while step < steps and not stopper.requested:
                 t0 = time.perf_counter()
                 # 1-2. Rollout + reward: made (and scored by the env) in the worker process.

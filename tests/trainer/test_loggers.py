@@ -10,7 +10,7 @@ import pytest
 
 from trainer.config import ConfigError, parse_args
 from trainer.loggers import check_installed, make_sinks, parse_loggers
-from trainer.plots import MetricsLog, carried_totals
+from trainer.plots import MetricsLog, carried_totals, eval_missing
 
 
 def read_events(path: Path) -> list:
@@ -86,6 +86,21 @@ def test_a_resumed_run_carries_its_totals_from_the_checkpoint_step(tmp_path: Pat
         "rollout/reissued_prompts": 2.0,
     }  # step 3 is after the checkpoint; reward/mean is not a total
     assert carried_totals(path, 0) == {}
+
+
+def test_a_resumed_run_owes_the_evaluation_a_stop_signal_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 9):
+        log.write("train", step, {"reward/mean": 0.1})
+        if step == 4:
+            log.write("eval", 4, {"eval/accuracy": 0.3})
+    log.close()  # stopped during the step-8 evaluation, checkpoint at 8
+    assert eval_missing(path, 8, every=4)
+    assert not eval_missing(path, 4, every=4)  # logged
+    assert not eval_missing(path, 6, every=4)  # not due at 6
+    assert not eval_missing(path, 8, every=0)  # evaluation off
+    assert not eval_missing(path, 0, every=4)  # step 0 is eval.at_start's
 
 
 def test_bad_or_missing_loggers_are_clear_errors() -> None:
