@@ -219,7 +219,7 @@ class RayPlacement:
         if self.cfg.cluster.weight_sync == "broadcast":
             source.broadcast(learner.version)
         else:
-            source.publish(learner.weights_ref(source.cfg.engine.resolved_dtype()), learner.version)
+            source.publish(learner.weights_ref(source.wire_dtype), learner.version)
 
     def metrics(self) -> dict[str, float]:
         """``rollout/reissued_prompts`` and ``rollout/worker_restarts`` (run totals)."""

@@ -134,27 +134,25 @@ RUN_TOTALS = (
 )
 
 
-def carried_totals(path: str | Path, step: int) -> dict[str, float]:
-    """The run totals (``RUN_TOTALS``) logged at the last training step <= ``step``: what
-    a resumed run adds to its own counts, so the logged totals stay the run's."""
-    if not Path(path).exists():
-        return {}
-    rows = [r for r in read_metrics(path) if r.get("kind") == "train" and r["step"] <= step]
+def carried_totals(records: Sequence[Mapping[str, Any]], step: int) -> dict[str, float]:
+    """The run totals (``RUN_TOTALS``) logged at the last training step <= ``step`` in
+    ``records`` (``read_metrics``): what a resumed run adds to its own counts, so the
+    logged totals stay the run's."""
+    rows = [r for r in records if r.get("kind") == "train" and r["step"] <= step]
     if not rows:
         return {}
     last = rows[-1]
     return {k: float(last[k]) for k in RUN_TOTALS if last.get(k) is not None}
 
 
-def eval_missing(path: str | Path, step: int, every: int) -> bool:
+def eval_missing(records: Sequence[Mapping[str, Any]], step: int, every: int) -> bool:
     """Whether a run resumed at ``step`` owes the evaluation due there: ``step`` is a
-    multiple of ``every`` and the log has none for it (a stop signal during that
-    evaluation interrupts it, and the checkpoint is then written at the same step)."""
+    multiple of ``every`` and ``records`` (``read_metrics``) have none for it (a stop
+    signal during that evaluation interrupts it, and the checkpoint is then written at
+    the same step)."""
     if not every or step <= 0 or step % every:
         return False
-    if not Path(path).exists():
-        return True
-    return not any(r.get("kind") == "eval" and r.get("step") == step for r in read_metrics(path))
+    return not any(r.get("kind") == "eval" and r.get("step") == step for r in records)
 
 
 def write_plots(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:

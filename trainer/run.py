@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
     from trainer.learner_group import LearnerRankError
     from trainer.loggers import check_installed, make_sinks, parse_loggers
     from trainer.placement import make_placement
-    from trainer.plots import MetricsLog, carried_totals, eval_missing, write_plots
+    from trainer.plots import MetricsLog, carried_totals, eval_missing, read_metrics, write_plots
     from trainer.rollout import rollout_worker_config
 
     stopper = _Stopper()
@@ -333,12 +333,15 @@ def train(cfg: TrainConfig, resume: str = "") -> int:
         generator = SourceGreedyGenerator(source, eval_env.stop_ids)
         sinks = make_sinks(parse_loggers(cfg.run.loggers), run_dir, cfg.to_dict(),
                            resume_step=start_step if resume else None)  # fmt: skip
-        # Totals counted before an interruption (this process counts from 0 again).
-        carried = carried_totals(run_dir / "metrics.jsonl", start_step) if resume else {}
+        # What the interrupted process logged: its run totals (this process counts from 0
+        # again) and whether the evaluation due at the checkpoint step was made.
+        metrics_path = run_dir / "metrics.jsonl"
+        before = read_metrics(metrics_path) if resume and metrics_path.is_file() else []
+        carried = carried_totals(before, start_step)
         owed_eval = (
             bool(resume)
             and start_step < cfg.run.steps
-            and eval_missing(run_dir / "metrics.jsonl", start_step, cfg.eval.every)
+            and eval_missing(before, start_step, cfg.eval.every)
         )
         log = MetricsLog(run_dir / "metrics.jsonl", sinks=sinks,
                          truncate_after_step=start_step if resume else None)  # fmt: skip

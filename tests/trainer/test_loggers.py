@@ -10,7 +10,7 @@ import pytest
 
 from trainer.config import ConfigError, parse_args
 from trainer.loggers import check_installed, make_sinks, parse_loggers
-from trainer.plots import MetricsLog, carried_totals, eval_missing
+from trainer.plots import MetricsLog, carried_totals, eval_missing, read_metrics
 
 
 def read_events(path: Path) -> list:
@@ -72,7 +72,7 @@ def test_resume_drops_the_interrupted_tail(tmp_path: Path) -> None:
 def test_a_resumed_run_carries_its_totals_from_the_checkpoint_step(tmp_path: Path) -> None:
     """Counters logged as run totals continue after --resume instead of restarting at 0."""
     path = tmp_path / "m.jsonl"
-    assert carried_totals(path, 2) == {}  # no log yet
+    assert carried_totals([], 2) == {}  # no log yet
     log = MetricsLog(path)
     log.write("eval", 0, {"eval/accuracy": 0.5})
     for step in (1, 2, 3):
@@ -81,11 +81,12 @@ def test_a_resumed_run_carries_its_totals_from_the_checkpoint_step(tmp_path: Pat
                                   "reward/mean": 0.1})  # fmt: skip
     log.write("eval", 2, {"eval/accuracy": 0.6})
     log.close()
-    assert carried_totals(path, 2) == {
+    records = read_metrics(path)
+    assert carried_totals(records, 2) == {
         "reward/client_requests": 20.0,
         "rollout/reissued_prompts": 2.0,
     }  # step 3 is after the checkpoint; reward/mean is not a total
-    assert carried_totals(path, 0) == {}
+    assert carried_totals(records, 0) == {}
 
 
 def test_a_resumed_run_owes_the_evaluation_a_stop_signal_interrupted(tmp_path: Path) -> None:
@@ -96,11 +97,12 @@ def test_a_resumed_run_owes_the_evaluation_a_stop_signal_interrupted(tmp_path: P
         if step == 4:
             log.write("eval", 4, {"eval/accuracy": 0.3})
     log.close()  # stopped during the step-8 evaluation, checkpoint at 8
-    assert eval_missing(path, 8, every=4)
-    assert not eval_missing(path, 4, every=4)  # logged
-    assert not eval_missing(path, 6, every=4)  # not due at 6
-    assert not eval_missing(path, 8, every=0)  # evaluation off
-    assert not eval_missing(path, 0, every=4)  # step 0 is eval.at_start's
+    records = read_metrics(path)
+    assert eval_missing(records, 8, every=4)
+    assert not eval_missing(records, 4, every=4)  # logged
+    assert not eval_missing(records, 6, every=4)  # not due at 6
+    assert not eval_missing(records, 8, every=0)  # evaluation off
+    assert not eval_missing(records, 0, every=4)  # step 0 is eval.at_start's
 
 
 def test_bad_or_missing_loggers_are_clear_errors() -> None:

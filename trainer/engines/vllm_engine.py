@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,16 +54,7 @@ class WeightSyncExtension:
         Returns:
             The number of tensors read (a cheap sanity check for the caller).
         """
-        count = 0
-
-        def weights():
-            nonlocal count
-            for item in iter_weights(path):
-                count += 1
-                yield item
-
-        _reload(self, weights())
-        return count
+        return _reload(self, iter_weights(path))
 
     def fipo_join_bus(self, spec: BusSpec, rank_offset: int) -> int:
         """Join the weight bus as rank ``rank_offset`` + this worker's rank (leaving any
@@ -85,15 +76,7 @@ class WeightSyncExtension:
         if bus is None:
             raise RuntimeError("fipo_receive_weights: this vLLM worker joined no weight bus")
         tensors = bus.receive(version)
-        count = 0
-
-        def weights():
-            nonlocal count
-            for item in tensors:
-                count += 1
-                yield item
-
-        _reload(self, weights())
+        count = _reload(self, tensors)
         for _ in tensors:  # whatever the loader left: the broadcast waits for every member
             pass
         return count
@@ -106,11 +89,22 @@ class WeightSyncExtension:
         self._fipo_bus = None
 
 
-def _reload(worker, weights) -> None:
+def _reload(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """Reload ``weights`` (HF names) into ``worker``'s model in place; returns how many
+    tensors the loader took from the iterator."""
+    count = 0
+
+    def counted():
+        nonlocal count
+        for item in weights:
+            count += 1
+            yield item
+
     # The worker's reload_weights sets the vLLM config context that the layer-wise reload
     # needs; the model runner's one is the same call without it.
     reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
-    reload(weights_iterator=weights)
+    reload(weights_iterator=counted())
+    return count
 
 
 class EngineStartError(RuntimeError):

@@ -91,16 +91,16 @@ class RolloutActor:
     def join_bus(self, spec: BusSpec, rank: int) -> str:
         """Join a weight bus; ``""``, or why not (a bus failure is the sender's side to
         repair by rebuilding the bus, not a reason to fail this actor's call)."""
-        try:
-            self._src().join_bus(spec, rank)
-        except WeightBusError as exc:
-            return str(exc)
-        return ""
+        return self._bus_step(lambda: self._src().join_bus(spec, rank))
 
     def receive_broadcast(self, version: int) -> str:
         """Receive ``version`` from the weight bus; ``""``, or why not."""
+        return self._bus_step(lambda: self._src().receive_broadcast(version))
+
+    @staticmethod
+    def _bus_step(step) -> str:
         try:
-            self._src().receive_broadcast(version)
+            step()
         except WeightBusError as exc:
             return str(exc)
         return ""

@@ -243,6 +243,13 @@ class RayRolloutSource:
         }
 
     @property
+    def wire_dtype(self) -> str | None:
+        """The dtype weights travel in to the workers: the engine's when it is explicit;
+        ``None`` (as trained) for ``auto``, which each worker resolves on its own node."""
+        dtype = self.cfg.engine.dtype
+        return dtype if dtype != "auto" else None
+
+    @property
     def engine_kind(self) -> str:
         """``"vllm"`` or ``"hf"`` once ready; ``"vllm,hf"`` when workers differ."""
         return ",".join(dict.fromkeys(k for k in self._kinds if k))
@@ -476,11 +483,9 @@ class RayRolloutSource:
         ray = _ray()
         if isinstance(weights, ray.ObjectRef):
             return weights
-        state_dict = weights
-        dtype = self.cfg.engine.dtype
-        target = getattr(torch, dtype) if dtype != "auto" else None
+        target = getattr(torch, self.wire_dtype) if self.wire_dtype else None
         cpu = {}
-        for name, t in state_dict.items():
+        for name, t in weights.items():
             t = t.detach()
             if target is not None and t.is_floating_point():
                 t = t.to(dtype=target)
@@ -557,8 +562,7 @@ class RayRolloutSource:
         together. Returns ``""`` or what failed (and forgets the bus then)."""
         sender, version = self._sender, self._version
         if step == "join":
-            dtype = self.cfg.engine.dtype if self.cfg.engine.dtype != "auto" else None
-            spec = sender.open_bus(self.num_workers, dtype, self._bus_timeout_s)
+            spec = sender.open_bus(self.num_workers, self.wire_dtype, self._bus_timeout_s)
             ref, method = sender.join_bus_async(), "join_bus"
         else:
             spec = self._bus
